@@ -1,0 +1,198 @@
+"""Per-peer-domain policy files (DESIGN §2.4).
+
+`policy.d/<domain>.toml` applies to one peer domain, `policy.d/*.<parent>.toml` to every
+subdomain of parent, `policy.d/default.toml` to everyone else; the most specific file wins.
+Loading is all-or-nothing: every file is parsed and checked first, and a single problem anywhere
+raises `PolicyError` listing each problem as `file:line: message`, so a reload never swaps in a
+half-read policy.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policy import tlsa
+from policy.pkix_names import normalise_domain
+from policy.tlsa import TlsaRecord, TlsaSyntaxError, parse_tlsa
+from policy.tomlfile import TomlDocument, TomlFileError
+
+REQUIRE_MODES = ("dane", "dane-or-pkix", "pkix", "tls", "block")
+DANE_USE_NAMES = {"PKIX-TA": tlsa.PKIX_TA, "PKIX-EE": tlsa.PKIX_EE,
+                  "DANE-TA": tlsa.DANE_TA, "DANE-EE": tlsa.DANE_EE}
+TLS_VERSIONS = ("1.2", "1.3")
+# DESIGN §2.4's built-in default.  PKIX-TA/PKIX-EE are off: RFC 7672 §3.1 notes that they add
+# CA dependence for no gain in S2S, and most DANE S2S deployments (and Prosody) ignore them.
+DEFAULT_REQUIRE = "dane-or-pkix"
+DEFAULT_DANE_USES = frozenset({tlsa.DANE_TA, tlsa.DANE_EE})
+# TLS 1.2 is the floor RFC 7590 §3.1 / RFC 9325 §3.1.1 set for XMPP.
+DEFAULT_TLS_MIN = "1.2"
+_KNOWN_KEYS = ("require", "dane_uses", "tls_min_version", "tlsa", "srv")
+
+
+class PolicyError(TomlFileError):
+    """A policy file (or the policy directory) is wrong; `.messages` has `file:line: message`."""
+
+
+@dataclass(frozen=True)
+class SrvRecord:
+    """A static SRV record from a policy file: `priority weight port target`."""
+
+    priority: int
+    weight: int
+    port: int
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.priority} {self.weight} {self.port} {self.target}."
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a peer domain must prove; `source` names the file it came from."""
+
+    require: str = DEFAULT_REQUIRE
+    dane_uses: frozenset[int] = DEFAULT_DANE_USES
+    tls_min_version: str = DEFAULT_TLS_MIN
+    tlsa: tuple[TlsaRecord, ...] = ()
+    srv: tuple[SrvRecord, ...] = ()
+    source: str = "built-in default"
+
+
+BUILTIN_DEFAULT = Policy()
+
+
+def parse_dane_uses(values: Iterable[str]) -> frozenset[int]:
+    """Names as in DESIGN §2.4 (`DANE-EE`…), case-insensitive; ValueError names a bad one."""
+    out = set()
+    for v in values:
+        if not isinstance(v, str) or v.upper() not in DANE_USE_NAMES:
+            raise ValueError(f"unknown TLSA usage {v!r} (expected {', '.join(DANE_USE_NAMES)})")
+        out.add(DANE_USE_NAMES[v.upper()])
+    return frozenset(out)
+
+
+def _parse_srv(text: str) -> SrvRecord:
+    parts = text.split()
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        raise ValueError(f"SRV {text!r} must be 'priority weight port target'")
+    prio, weight, port = (int(p) for p in parts[:3])
+    if prio > 65535 or weight > 65535 or not 0 < port <= 65535:
+        raise ValueError(f"SRV {text!r}: priority/weight 0-65535, port 1-65535")
+    return SrvRecord(prio, weight, port, normalise_domain(parts[3]))
+
+
+def parse_policy_document(doc: TomlDocument) -> Policy:
+    """Check and convert one parsed policy file; raises PolicyError with every problem."""
+    errors: list[str] = []
+    data = doc.data
+    for key in data:
+        if key not in _KNOWN_KEYS:
+            errors.append(f"{doc.where(key)}: unknown key {key!r} (known: {', '.join(_KNOWN_KEYS)})")
+    kwargs: dict = {"source": doc.path}
+
+    def bad(key: str, message: str) -> None:
+        errors.append(f"{doc.where(key)}: {key}: {message}")
+
+    if "require" in data:
+        if data["require"] not in REQUIRE_MODES:
+            bad("require", f"{data['require']!r} is not one of {', '.join(REQUIRE_MODES)}")
+        else:
+            kwargs["require"] = data["require"]
+    if "dane_uses" in data:
+        value = data["dane_uses"]
+        if not isinstance(value, list):
+            bad("dane_uses", "must be a list such as [\"DANE-EE\", \"DANE-TA\"]")
+        else:
+            try:
+                kwargs["dane_uses"] = parse_dane_uses(value)
+            except ValueError as exc:
+                bad("dane_uses", str(exc))
+    if "tls_min_version" in data:
+        if data["tls_min_version"] not in TLS_VERSIONS:
+            bad("tls_min_version", f"{data['tls_min_version']!r} is not one of {', '.join(TLS_VERSIONS)}")
+        else:
+            kwargs["tls_min_version"] = data["tls_min_version"]
+    for key, parse in (("tlsa", _parse_static_tlsa), ("srv", _parse_srv)):
+        if key not in data:
+            continue
+        if not isinstance(data[key], list) or not all(isinstance(v, str) for v in data[key]):
+            bad(key, "must be a list of strings")
+            continue
+        try:
+            kwargs[key] = tuple(parse(v) for v in data[key])
+        except ValueError as exc:
+            bad(key, str(exc))
+    if errors:
+        raise PolicyError(errors)
+    return Policy(**kwargs)
+
+
+def _parse_static_tlsa(text: str) -> TlsaRecord:
+    # A static record is the operator's own statement: unlike a record found in DNS, a
+    # malformed one is a configuration error, not a record to skip.
+    try:
+        rec = parse_tlsa(text)
+    except TlsaSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+    why = tlsa.unusable_reason(rec, DANE_USE_NAMES.values())
+    if why:
+        raise ValueError(f"TLSA {text!r}: {why}")
+    return rec
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """All loaded policy files; `for_domain` picks the most specific one."""
+
+    exact: dict[str, Policy] = field(default_factory=dict)
+    wildcard: dict[str, Policy] = field(default_factory=dict)   # parent domain -> policy
+    default: Policy = BUILTIN_DEFAULT
+    directory: str | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path | None) -> "PolicySet":
+        """Load every `*.toml` in `directory`; None means the built-in default only."""
+        if directory is None or str(directory) == "":
+            return cls()
+        root = Path(directory)
+        if not root.is_dir():
+            raise PolicyError([f"{root}:0: policy directory does not exist"])
+        exact: dict[str, Policy] = {}
+        wildcard: dict[str, Policy] = {}
+        default = BUILTIN_DEFAULT
+        errors: list[str] = []
+        for path in sorted(root.glob("*.toml")):
+            stem = path.name[: -len(".toml")]
+            try:
+                pol = parse_policy_document(TomlDocument.read(path))
+            except TomlFileError as exc:
+                errors.extend(exc.messages)
+                continue
+            if stem == "default":
+                default = pol
+            elif stem.startswith("*."):
+                wildcard[normalise_domain(stem[2:])] = pol
+            elif "*" in stem or not stem:
+                errors.append(f"{path}:0: file name must be <domain>.toml, *.<parent>.toml or default.toml")
+            else:
+                exact[normalise_domain(stem)] = pol
+        if errors:
+            raise PolicyError(errors)
+        return cls(exact, wildcard, default, str(root))
+
+    def for_domain(self, domain: str) -> Policy:
+        """The most specific policy for peer `domain`: exact, then nearest `*.parent`, then default."""
+        d = normalise_domain(domain)
+        if d in self.exact:
+            return self.exact[d]
+        labels = d.split(".")
+        for i in range(1, len(labels)):
+            parent = ".".join(labels[i:])
+            if parent in self.wildcard:
+                return self.wildcard[parent]
+        return self.default
+
+    @property
+    def files(self) -> int:
+        return len(self.exact) + len(self.wildcard) + (self.default is not BUILTIN_DEFAULT)

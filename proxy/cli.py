@@ -1,0 +1,257 @@
+"""Command line (DESIGN §5): run, check-config, verify, tlsa, check.
+
+Exit codes: 0 success/accept, 1 rejection or configuration errors, 2 bad input (usage errors,
+unreadable files, values that make no sense).  Every error is one line an operator can act on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from policy import tlsa as tlsa_mod
+from policy.decide import decide
+from policy.evidence import DnsStatus, Evidence
+from policy.pkix import TrustStore, TrustStoreError, load_pem_bundle
+from policy.pkix_names import normalise_domain
+from policy.policyfile import (DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy,
+                               PolicyError, PolicySet)
+from policy.tlsa import parse_tlsa_lenient, record_for
+from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+EXIT_OK, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
+_DNSSEC_CHOICES = ("secure", "insecure", "bogus")
+
+
+class BadInput(Exception):
+    """Input the command cannot work with; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 on usage errors already; keep its one-line message, drop the usage dump.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="xmpp-dane-proxy", description="DANE for XMPP server-to-server traffic.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+
+    cc = sub.add_parser("check-config", help="validate the config and every policy file")
+    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+
+    v = sub.add_parser("verify", help="offline verdict for a certificate chain")
+    v.add_argument("--chain", required=True, help="PEM file, leaf first, as the peer presents it")
+    v.add_argument("--domain", required=True, help="the peer domain D")
+    v.add_argument("--srv-target", action="append", default=[], help="securely delegated SRV target")
+    v.add_argument("--tlsa", action="append", default=[], help='a TLSA record "U S M HEX"')
+    v.add_argument("--dnssec", default="secure", help="DNSSEC status of the TLSA RRset: secure|insecure|bogus")
+    v.add_argument("--require", default="dane-or-pkix", help="|".join(REQUIRE_MODES))
+    v.add_argument("--dane-uses", default=None, help="comma list, e.g. DANE-EE,DANE-TA")
+    v.add_argument("--ca-file", default=None, help="PKIX trust anchors (default: system store)")
+    v.add_argument("--at", default=None, help="validation time, ISO-8601")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+
+    t = sub.add_parser("tlsa", help="print the TLSA record for a certificate")
+    t.add_argument("--cert", required=True)
+    t.add_argument("--usage", default="3")
+    t.add_argument("--selector", default="1")
+    t.add_argument("--mtype", default="1")
+    t.add_argument("--host", default=None)
+    t.add_argument("--port", type=int, default=5269)
+
+    ch = sub.add_parser("check", help="live check of a peer domain")
+    ch.add_argument("domain")
+    ch.add_argument("-c", "--config", default=None)
+    ch.add_argument("--nameserver", default=None)
+    ch.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "check-config": cmd_check_config, "verify": cmd_verify,
+               "tlsa": cmd_tlsa, "check": cmd_check}[args.command]
+    try:
+        return handler(args)
+    except BadInput as exc:
+        print(f"xmpp-dane-proxy {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def read_chain(path: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file, in file order; BadInput if there are none."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: is a directory, not a PEM file") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read: {exc.strerror}") from None
+    if not data.strip():
+        raise BadInput(f"{path}: file is empty")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise BadInput(f"{path}: no PEM certificate (expected -----BEGIN CERTIFICATE-----)")
+    certs = load_pem_bundle(data)
+    if len(certs) != data.count(b"-----BEGIN CERTIFICATE-----"):
+        raise BadInput(f"{path}: a PEM certificate block does not parse")
+    return certs
+
+
+def parse_time(text: str) -> _dt.datetime:
+    try:
+        when = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"--at {text!r} is not an ISO-8601 time (e.g. 2026-01-31T12:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
+
+def parse_uses(text: str) -> frozenset[int]:
+    uses = set()
+    for item in (x.strip() for x in text.split(",")):
+        if item.upper() in DANE_USE_NAMES:
+            uses.add(DANE_USE_NAMES[item.upper()])
+        elif item in ("0", "1", "2", "3"):
+            uses.add(int(item))
+        else:
+            raise BadInput(f"--dane-uses: unknown usage {item!r} (use {', '.join(DANE_USE_NAMES)})")
+    return frozenset(uses)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.dnssec not in _DNSSEC_CHOICES:
+        raise BadInput(f"--dnssec {args.dnssec!r}: use one of {', '.join(_DNSSEC_CHOICES)}")
+    if args.require not in REQUIRE_MODES:
+        raise BadInput(f"--require {args.require!r}: use one of {', '.join(REQUIRE_MODES)}")
+    uses = parse_uses(args.dane_uses) if args.dane_uses is not None else DEFAULT_DANE_USES
+    now = parse_time(args.at) if args.at else None
+    chain = read_chain(args.chain)
+    try:
+        trust = TrustStore.load(args.ca_file)
+    except TrustStoreError as exc:
+        raise BadInput(str(exc)) from None
+    domain = normalise_domain(args.domain)
+    if not domain:
+        raise BadInput("--domain is empty")
+    evidence = Evidence(
+        domain=domain,
+        tlsa=tuple(parse_tlsa_lenient(t) for t in args.tlsa),
+        tlsa_status=DnsStatus(args.dnssec),
+        delegated_targets=tuple(normalise_domain(t) for t in args.srv_target),
+    )
+    policy = Policy(require=args.require, dane_uses=uses, source="command line")
+    verdict = decide(chain, evidence, policy, trust=trust, now=now)
+    if args.json:
+        print(verdict.to_json())
+    else:
+        print(f"verdict:   {verdict.verdict}")
+        print(f"prooftype: {verdict.prooftype or '-'}")
+        print(f"matched:   {verdict.matched or '-'}")
+        print(f"identity:  {verdict.identity or '-'}")
+        print(f"reason:    {verdict.reason}")
+    return EXIT_OK if verdict.accepted else EXIT_REJECT
+
+
+def _field(text: str, mnemonics: dict[str, int], flag: str, allowed: tuple[int, ...]) -> int:
+    value = mnemonics.get(text.upper(), int(text) if text.isdigit() else None)
+    if value not in allowed:
+        raise BadInput(f"{flag} {text!r}: use one of {', '.join(map(str, allowed))} or its mnemonic")
+    return value
+
+
+def cmd_tlsa(args: argparse.Namespace) -> int:
+    usage = _field(args.usage, {v: k for k, v in tlsa_mod.USAGE_NAMES.items()}, "--usage", (0, 1, 2, 3))
+    selector = _field(args.selector, {"CERT": 0, "SPKI": 1}, "--selector", (0, 1))
+    mtype = _field(args.mtype, {"FULL": 0, "SHA2-256": 1, "SHA2-512": 2}, "--mtype", (0, 1, 2))
+    if not 0 < args.port <= 65535:
+        raise BadInput(f"--port {args.port}: must be 1-65535")
+    chain = read_chain(args.cert)
+    # A trust-anchor usage designates the top of the chain (the CA the operator controls);
+    # an end-entity usage designates the leaf.
+    cert = chain[-1] if usage in (tlsa_mod.PKIX_TA, tlsa_mod.DANE_TA) else chain[0]
+    record = record_for(cert, usage, selector, mtype)
+    host = args.host
+    if host is None:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [n for n in san.get_values_for_type(x509.DNSName) if "*" not in n]
+        except x509.ExtensionNotFound:
+            names = []
+        host = names[0] if names and usage in (tlsa_mod.PKIX_EE, tlsa_mod.DANE_EE) else None
+    if host:
+        print(f"_{args.port}._tcp.{normalise_domain(host)}. IN TLSA {record}")
+    else:
+        print(str(record))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    errors: list[str] = []
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.messages:
+            print(line, file=sys.stderr)
+        return EXIT_REJECT
+    policies = None
+    try:
+        policies = PolicySet.load(cfg.policy.dir or None)
+    except PolicyError as exc:
+        errors.extend(exc.messages)
+    if cfg.policy.ca_file:
+        try:
+            TrustStore.load(cfg.policy.ca_file)
+        except TrustStoreError as exc:
+            errors.append(f"{cfg.path}:0: policy.ca_file: {exc}")
+    for dom in cfg.domains:
+        errors.extend(check_domain_files(cfg.path, dom.name, dom.cert, dom.key))
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        return EXIT_REJECT
+    count = policies.files if policies else 0
+    print(f"{cfg.path}: ok ({len(cfg.domains)} domains, {count} policy files)")
+    return EXIT_OK
+
+
+def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:
+    """Problems with a local domain's certificate and key, as `file:line: message` lines."""
+    try:
+        chain = read_chain(cert_path)
+    except BadInput as exc:
+        return [f"{config_path}:0: domain {name}: cert {exc}"]
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except OSError as exc:
+        return [f"{config_path}:0: domain {name}: key {key_path}: cannot read: {exc.strerror}"]
+    except (ValueError, TypeError) as exc:
+        # The message names the file and the problem, never the key material.
+        return [f"{config_path}:0: domain {name}: key {key_path}: not an unencrypted PEM private key ({type(exc).__name__})"]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            chain[0].public_key().public_bytes(serialization.Encoding.DER, spki):
+        return [f"{config_path}:0: domain {name}: key {key_path} does not belong to the first certificate of {cert_path}"]
+    return []
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    print("xmpp-dane-proxy run: not available yet", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    print("xmpp-dane-proxy check: not available yet", file=sys.stderr)
+    return EXIT_BAD_INPUT

@@ -1,0 +1,273 @@
+"""The TOML configuration file (DESIGN §4), loaded strictly.
+
+Every section and key is checked; unknown ones are errors (a typo such as `max_stanza_byte`
+must not silently fall back to a default).  Problems are collected and raised together as
+`ConfigError` with `file:line: message` per problem.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from policy.pkix_names import normalise_domain
+from policy.tomlfile import TomlDocument, TomlFileError
+
+DEFAULT_CONFIG_PATH = "/etc/xmpp-dane-proxy/config.toml"
+
+
+class ConfigError(TomlFileError):
+    """The configuration file is wrong; `.messages` has one `file:line: message` per problem."""
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or (with a default port) a bare host; ValueError if malformed."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} needs a port (host:port)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be 0-65535")
+    if not host:
+        raise ValueError(f"{text!r}: empty host")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    listen: list[str] = field(default_factory=lambda: ["[::]:5269"])
+    backend: str = "127.0.0.1:5270"
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:15269"])
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    trust_ad_from: list[str] = field(default_factory=list)
+    # Unbound's own upstream timeouts are around 3-5 s before it answers SERVFAIL; 5 s lets
+    # it finish and still bounds the handshake.
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    dir: str = "/etc/xmpp-dane-proxy/policy.d"
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # 256 KiB per stanza: ejabberd's and xmpp-proxy's default max_stanza_size.
+    max_stanza_bytes: int = 262144
+    # 30 s: Prosody's and ejabberd's default for negotiating a stream before it is dropped.
+    handshake_timeout: float = 30.0
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9269"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `path` is where it came from (for messages)."""
+
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    domains: list[DomainConfig] = field(default_factory=list)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str = ""
+
+    def domain(self, name: str) -> DomainConfig | None:
+        """The local domain entry for `name`, or None if the backend does not serve it."""
+        wanted = normalise_domain(name)
+        return next((d for d in self.domains if d.name == wanted), None)
+
+
+# --- value checkers: each returns the converted value or raises ValueError -------------------
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _positive_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError("must be a positive integer")
+    return v
+
+
+def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], list]:
+    def inner(v: Any) -> list:
+        if not isinstance(v, list):
+            raise ValueError("must be a list")
+        return [check(x) for x in v]
+    return inner
+
+
+def _listen(v: Any) -> str:
+    parse_hostport(_str(v))
+    return v
+
+
+def _backend(v: Any) -> str:
+    v = _str(v)
+    if v.startswith("unix:"):
+        if len(v) == 5:
+            raise ValueError("unix: needs a socket path")
+        return v
+    parse_hostport(v)
+    return v
+
+
+def _nameserver(v: Any) -> str:
+    parse_hostport(_str(v), default_port=53)
+    return v
+
+
+def _optional_listen(v: Any) -> str:
+    return v if _str(v) == "" else _listen(v)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def inner(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"{v!r} is not one of {', '.join(choices)}")
+        return v
+    return inner
+
+
+_SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
+    "inbound": (InboundConfig, {"listen": _list_of(_listen), "backend": _backend,
+                                "proxy_protocol": _bool}),
+    "outbound": (OutboundConfig, {"listen": _list_of(_listen)}),
+    "dns": (DnsConfig, {"nameservers": _list_of(_nameserver), "trust_ad_from": _list_of(_str),
+                        "timeout": _positive_number}),
+    "policy": (PolicyConfig, {"dir": _str, "ca_file": _str}),
+    "limits": (LimitsConfig, {"max_stanza_bytes": _positive_int, "handshake_timeout": _positive_number,
+                              "max_connections": _positive_int}),
+    "metrics": (MetricsConfig, {"listen": _optional_listen}),
+    "log": (LogConfig, {"level": _one_of("debug", "info", "warning", "error"),
+                        "format": _one_of("text", "json")}),
+}
+_DOMAIN_KEYS = {"name": _str, "cert": _str, "key": _str}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check the configuration file; raises ConfigError listing every problem."""
+    try:
+        doc = TomlDocument.read(path)
+    except TomlFileError as exc:
+        raise ConfigError(exc.messages) from None
+    return config_from_document(doc)
+
+
+def config_from_document(doc: TomlDocument) -> Config:
+    errors: list[str] = []
+    sections: dict[str, Any] = {}
+    base = Path(doc.path).parent
+    for name, value in doc.data.items():
+        if name == "domain":
+            continue
+        if name not in _SCHEMA:
+            errors.append(f"{doc.where(None, name)}: unknown section [{name}] "
+                          f"(known: {', '.join([*_SCHEMA, 'domain'])})")
+            continue
+        if not isinstance(value, dict):
+            errors.append(f"{doc.where(name)}: {name} must be a [{name}] table")
+            continue
+        cls, keys = _SCHEMA[name]
+        kwargs = {}
+        for key, raw in value.items():
+            if key not in keys:
+                errors.append(f"{doc.where(key, name)}: unknown key {name}.{key} (known: {', '.join(keys)})")
+                continue
+            try:
+                kwargs[key] = keys[key](raw)
+            except ValueError as exc:
+                errors.append(f"{doc.where(key, name)}: {name}.{key} {exc}")
+        sections[name] = cls(**kwargs)
+    domains = _domains(doc, base, errors)
+    if errors:
+        raise ConfigError(errors)
+    pol = sections.get("policy", PolicyConfig())
+    sections["policy"] = PolicyConfig(
+        dir=str(base / pol.dir) if pol.dir else "",
+        ca_file=str(base / pol.ca_file) if pol.ca_file else "",
+    )
+    return Config(domains=domains, path=doc.path, **sections)
+
+
+def _domains(doc: TomlDocument, base: Path, errors: list[str]) -> list[DomainConfig]:
+    raw = doc.data.get("domain", [])
+    if not isinstance(raw, list):
+        errors.append(f"{doc.where('domain')}: domain must be a [[domain]] array of tables")
+        return []
+    out: list[DomainConfig] = []
+    for i, entry in enumerate(raw):
+        where = doc.where(None, "domain", i)
+        unknown = [k for k in entry if k not in _DOMAIN_KEYS]
+        for k in unknown:
+            errors.append(f"{doc.where(k, 'domain', i)}: unknown key domain.{k} (known: name, cert, key)")
+        missing = [k for k in _DOMAIN_KEYS if k not in entry]
+        if missing:
+            errors.append(f"{where}: [[domain]] needs {', '.join(missing)}")
+            continue
+        try:
+            name, cert, key = (_str(entry[k]) for k in ("name", "cert", "key"))
+        except ValueError:
+            errors.append(f"{where}: [[domain]] name, cert and key must be strings")
+            continue
+        # Relative certificate paths are relative to the config file, as operators expect
+        # from nginx/Prosody-style configs kept in one directory.
+        out.append(DomainConfig(normalise_domain(name), str(base / cert), str(base / key)))
+    names = [d.name for d in out]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"{doc.path}:0: domain {dup!r} is configured twice")
+    return out

@@ -92,11 +92,13 @@ def _dane_ta(chain: Sequence[x509.Certificate], rec: TlsaRecord,
     # record matches, or — when the server did not send it — the record itself for Full(0):
     # `2 0 0` carries the certificate, `2 1 0` the bare key that signed the top of the chain
     # (RFC 7671 §5.2.2).  A digest of an anchor that was not sent cannot be used.
-    anchors: list[x509.Certificate] = [c for c in chain if tlsa.matches(rec, c)]
+    # A trust anchor is an issuer: a record matching only the leaf is no DANE-TA proof
+    # (OpenSSL's DANE code, the reference implementation RFC 7671 grew out of, agrees).
+    anchors: list[x509.Certificate] = [c for c in chain[1:] if tlsa.matches(rec, c)]
     if not anchors and rec.mtype == tlsa.MT_FULL:
         obj = tlsa.full_object(rec)
         if rec.selector == tlsa.SEL_CERT:
-            anchors = [obj]
+            anchors = [obj] if obj != chain[0] else []
         else:
             # The anchor key is bare; the certificate it signed becomes the path's anchor,
             # once we have checked that signature ourselves.

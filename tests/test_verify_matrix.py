@@ -193,6 +193,15 @@ def test_dane_ta_anchor_not_sent(cli, world, selector, mtype, accepted):
     assert oracle(world, "std").dane_verifies(DOMAIN, [record]) is accepted
 
 
+@pytest.mark.parametrize("selector,mtype", [(0, 0), (0, 1), (1, 1), (1, 2)])
+def test_dane_ta_matching_only_the_leaf_is_no_anchor(cli, world, selector, mtype):
+    leaf = world.servers["self_signed"][0][0]
+    record = rec(leaf, 2, selector, mtype)
+    got = run_verify(cli, world, "self_signed", [record], require="dane")
+    assert got["verdict"] == "reject"
+    assert not oracle(world, "self_signed").dane_verifies(DOMAIN, [record])
+
+
 def test_expired_leaf_dane_ee_accepts_but_dane_ta_and_pkix_reject(cli, world):
     leaf = world.servers["expired_leaf"][0][0]
     ee = rec(leaf, 3, 1, 1)
@@ -401,3 +410,19 @@ def test_at_moves_the_validation_time(cli, world):
     assert not oracle(world, "std").dane_verifies(DOMAIN, [rec(world.inter.cert, 2, 1, 1)], at=epoch)
     got = run_verify(cli, world, "std", [rec(world.inter.cert, 2, 1, 1)], ca=True, at=later)
     assert got["verdict"] == "reject"
+
+
+def test_dane_ta_bare_key_that_signed_the_leaf_itself(cli, world, tmp_path):
+    # `2 1 0` whose key signed the leaf directly: the chain is the leaf alone.
+    issued = world.ca.issue([DOMAIN])
+    path = tmp_path / "direct.pem"
+    path.write_bytes(issued.chain_pem())
+    world.files["direct"], world.servers["direct"] = path, (issued.chain, issued.key)
+    record = rec(world.ca.cert, 2, 1, 0)
+    got = run_verify(cli, world, "direct", [record], require="dane")
+    assert (got["verdict"], got["prooftype"], got["matched"]) == ("accept", "dane-ta", record)
+    assert oracle(world, "direct").dane_verifies(DOMAIN, [record])
+    stranger = rec(world.inter.cert, 2, 1, 0)   # a key that signed nothing here
+    got = run_verify(cli, world, "direct", [stranger], require="dane")
+    assert got["verdict"] == "reject"
+    assert not oracle(world, "direct").dane_verifies(DOMAIN, [stranger])

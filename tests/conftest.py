@@ -5,6 +5,9 @@ import pytest
 
 from proxy.cli import main
 
+# The signed-zone DNS environment (nsd + unbound on loopback): session fixture `dns_env`.
+pytest_plugins = ["dnsenv"]
+
 
 @pytest.fixture
 def cli(capsys):

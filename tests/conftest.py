@@ -5,8 +5,9 @@ import pytest
 
 from proxy.cli import main
 
-# The signed-zone DNS environment (nsd + unbound on loopback): session fixture `dns_env`.
-pytest_plugins = ["dnsenv"]
+# Real peers started by the tests: `dns_env` (nsd + unbound with signed zones, session-wide)
+# and `prosody_factory` (Prosody servers as backend or peer).
+pytest_plugins = ["dnsenv", "prosodyenv"]
 
 
 @pytest.fixture

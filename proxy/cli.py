@@ -9,19 +9,18 @@ import argparse
 import datetime as _dt
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from policy import tlsa as tlsa_mod
 from policy.decide import decide
 from policy.evidence import DnsStatus, Evidence
-from policy.pkix import TrustStore, TrustStoreError, load_pem_bundle
+from policy.pkix import TrustStore, TrustStoreError
 from policy.pkix_names import normalise_domain
 from policy.policyfile import (DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy,
                                PolicyError, PolicySet)
 from policy.tlsa import parse_tlsa_lenient, record_for
+from proxy import certfiles
 from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 EXIT_OK, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
@@ -90,23 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- helpers ----------------------------------------------------------------------------------
 
 def read_chain(path: str) -> list[x509.Certificate]:
-    """The certificates of a PEM file, in file order; BadInput if there are none."""
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: is a directory, not a PEM file") from None
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read: {exc.strerror}") from None
-    if not data.strip():
-        raise BadInput(f"{path}: file is empty")
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise BadInput(f"{path}: no PEM certificate (expected -----BEGIN CERTIFICATE-----)")
-    certs = load_pem_bundle(data)
-    if len(certs) != data.count(b"-----BEGIN CERTIFICATE-----"):
-        raise BadInput(f"{path}: a PEM certificate block does not parse")
-    return certs
+        return certfiles.read_chain(path)
+    except certfiles.CertFileError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def parse_time(text: str) -> _dt.datetime:
@@ -230,20 +216,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:
     """Problems with a local domain's certificate and key, as `file:line: message` lines."""
     try:
-        chain = read_chain(cert_path)
-    except BadInput as exc:
-        return [f"{config_path}:0: domain {name}: cert {exc}"]
-    try:
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-    except OSError as exc:
-        return [f"{config_path}:0: domain {name}: key {key_path}: cannot read: {exc.strerror}"]
-    except (ValueError, TypeError) as exc:
-        # The message names the file and the problem, never the key material.
-        return [f"{config_path}:0: domain {name}: key {key_path}: not an unencrypted PEM private key ({type(exc).__name__})"]
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != \
-            chain[0].public_key().public_bytes(serialization.Encoding.DER, spki):
-        return [f"{config_path}:0: domain {name}: key {key_path} does not belong to the first certificate of {cert_path}"]
+        certfiles.load_identity(cert_path, key_path)
+    except certfiles.CertFileError as exc:
+        return [f"{config_path}:0: domain {name}: {exc}"]
     return []
 
 

@@ -228,5 +228,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    print("xmpp-dane-proxy check: not available yet", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    import functools
+
+    import trio
+
+    from proxy.check import run_check
+
+    return trio.run(functools.partial(run_check, args.domain, config=args.config,
+                                      nameserver=args.nameserver, as_json=args.json))

@@ -1,0 +1,339 @@
+"""`xmpp-dane-proxy check DOMAIN` (DESIGN §5): what the outbound proxy would do for DOMAIN,
+live, shown to a person (or to a script with `--json`).
+
+It gathers the DNS evidence exactly as the proxy does (SRV for both services, addresses,
+TLSA, each with its DNSSEC status), then for *every* target — not just until one is
+accepted — connects, negotiates STARTTLS or Direct TLS, shows the chain the server presented
+and the verdict of DOMAIN's policy on it, with the reason.  The connection code is the
+proxy's own (`proxy.connect.attempt_target`), so a verdict here is the proxy's verdict.
+
+Settings: `-c FILE` gives the resolver (`[dns]`), the policy directory and trust store
+(`[policy]`), the per-target timeout (`limits.handshake_timeout`) and the client certificate
+(the first `[[domain]]`, as the proxy would present it); `--nameserver HOST[:PORT]` replaces
+the resolver.  Without a file: resolver 127.0.0.1 (a local validating unbound, as the proxy
+expects), the built-in default policy, the system trust store, no client certificate.
+
+Exit status: 0 when every target was accepted, 1 when any was rejected or could not be
+reached (or DNS gave no target at all), 2 for bad input (unreadable config, bad nameserver).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from cryptography import x509
+
+from policy.dns import Resolver, parse_nameserver
+from policy.evidence import Evidence
+from policy.decide import decide
+from policy.peer_evidence import PeerEvidence, SrvTarget, gather
+from policy.pkix import TrustStore, TrustStoreError
+from policy.pkix_names import normalise_domain, presented_ids
+from policy.policyfile import DANE_USE_NAMES, Policy, PolicyError, PolicySet
+from policy.verdict import Verdict, reject
+from proxy.config import Config, ConfigError, load_config
+from proxy.connect import TargetAttempt, TlsContexts, attempt_target
+from proxy.tls import TlsConfigError
+
+__all__ = ["CHECK_TIMEOUT", "EXIT_ACCEPT", "EXIT_BAD_INPUT", "EXIT_REJECT", "CheckResult", "run_check"]
+
+EXIT_ACCEPT, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
+# A person is waiting: 10 s per target (TCP + STARTTLS + TLS) is plenty for a live server;
+# with -c the configured limits.handshake_timeout applies, as in the proxy.
+CHECK_TIMEOUT = 10.0
+_USE_NAMES = {v: k for k, v in DANE_USE_NAMES.items()}
+
+
+class _BadInput(Exception):
+    pass
+
+
+class CheckResult:
+    """Everything `check` found, for printing or as JSON."""
+
+    def __init__(self, domain: str, policy: Policy, resolver: Resolver, client: str | None) -> None:
+        self.domain = domain
+        self.policy = policy
+        self.resolver = resolver
+        self.client = client
+        self.evidence: PeerEvidence | None = None
+        self.domain_verdict: Verdict | None = None    # refused before any target (SRV bogus, no service)
+        self.attempts: list[TargetAttempt] = []
+
+    @property
+    def accepted(self) -> bool:
+        return self.domain_verdict is None and bool(self.attempts) and all(a.accepted for a in self.attempts)
+
+    # -- JSON -------------------------------------------------------------------------------
+
+    def as_json_obj(self) -> dict[str, Any]:
+        ev = self.evidence
+        return {
+            "domain": self.domain,
+            "result": "accept" if self.accepted else "reject",
+            "policy": _policy_obj(self.policy),
+            "resolver": [{"address": str(ns), "ad_trusted": self.resolver.trusted(ns)}
+                         for ns in self.resolver.nameservers],
+            "client_certificate": self.client,
+            "evidence": None if ev is None else {
+                "statuses": {k: str(v) for k, v in ev.statuses.items()},
+                "failure": str(ev.failure) if ev.failure else None,
+                "reason": ev.reason or None,
+                "no_service": ev.no_service,
+                "domain_tlsa": None if ev.domain_tlsa_status is None else {
+                    "name": ev.domain_tlsa_name, "status": str(ev.domain_tlsa_status),
+                    "records": [str(r) for r in ev.domain_tlsa]},
+            },
+            "domain_verdict": self.domain_verdict.as_json_obj() if self.domain_verdict else None,
+            "targets": [_attempt_obj(a) for a in self.attempts],
+        }
+
+    # -- text -------------------------------------------------------------------------------
+
+    def render(self) -> str:
+        lines: list[str] = []
+        p = self.policy
+        lines.append(f"check {self.domain}")
+        lines.append(f"  policy    require={p.require} dane_uses={_uses(p)} tls_min_version={p.tls_min_version}"
+                     f"  ({p.source})")
+        lines.append("  resolver  " + ", ".join(
+            f"{ns} ({'AD trusted' if self.resolver.trusted(ns) else 'AD NOT trusted: nothing can be secure'})"
+            for ns in self.resolver.nameservers))
+        lines.append(f"  client    {self.client or 'no client certificate'}")
+        ev = self.evidence
+        if ev is not None:
+            lines.append("")
+            lines.append("DNS evidence")
+            width = max((len(k) for k in ev.statuses), default=0)
+            for key, status in ev.statuses.items():
+                lines.append(f"  {key:<{width}}  {status}")
+            if ev.failure:
+                lines.append(f"  FAILED CLOSED ({ev.failure}): {ev.reason}")
+            elif ev.no_service:
+                lines.append("  no XMPP server-to-server service (SRV target '.')")
+            if not ev.targets and ev.domain_tlsa_status is not None:
+                lines.append(f"  TLSA {ev.domain_tlsa_name} [{ev.domain_tlsa_status}]: "
+                             + (", ".join(_short(r) for r in ev.domain_tlsa) or "none"))
+        if self.domain_verdict is not None:
+            lines.append("")
+            lines.append(f"REJECTED before any target: {self.domain_verdict.reason}")
+        for n, a in enumerate(self.attempts, 1):
+            lines.append("")
+            lines += _render_attempt(n, a)
+        if self.attempts:
+            lines.append("")
+            lines.append("Summary")
+            lines += _table(
+                ["#", "target", "mode", "address", "TLS", "verdict", "prooftype", "reason"],
+                [[str(n), f"{a.target.host}:{a.target.port}", a.mode, a.address or "-",
+                  a.tls.protocol if a.tls else "-",
+                  a.verdict.verdict if a.verdict else "failed",
+                  (a.verdict.prooftype or "-") if a.verdict else "-",
+                  _clip(a.reason, 70)] for n, a in enumerate(self.attempts, 1)])
+        lines.append("")
+        total = len(self.attempts)
+        good = sum(a.accepted for a in self.attempts)
+        if self.accepted:
+            lines.append(f"RESULT: accept — all {total} target(s) of {self.domain} accepted")
+        else:
+            lines.append(f"RESULT: reject — {good} of {total} target(s) of {self.domain} accepted")
+        return "\n".join(lines)
+
+
+def _uses(p: Policy) -> str:
+    return ",".join(_USE_NAMES.get(u, str(u)) for u in sorted(p.dane_uses)) or "none"
+
+
+def _policy_obj(p: Policy) -> dict[str, Any]:
+    return {"require": p.require, "dane_uses": [_USE_NAMES.get(u, str(u)) for u in sorted(p.dane_uses)],
+            "tls_min_version": p.tls_min_version, "source": p.source,
+            "static_tlsa": [str(r) for r in p.tlsa], "static_srv": [str(s) for s in p.srv]}
+
+
+def _short(record: object, keep: int = 16) -> str:
+    text = str(record)
+    parts = text.split()
+    if len(parts) == 4 and len(parts[3]) > keep:
+        return " ".join(parts[:3] + [parts[3][:keep] + "…"])
+    return text
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip(), fmt.format(*["-" * w for w in widths]).rstrip()] + \
+        [fmt.format(*r).rstrip() for r in rows]
+
+
+def _cert_obj(cert: x509.Certificate) -> dict[str, Any]:
+    return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+            "san": presented_ids(cert).describe(),
+            "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat()}
+
+
+def _target_obj(t: SrvTarget) -> dict[str, Any]:
+    return {"host": t.host, "port": t.port, "mode": "direct-tls" if t.direct_tls else "starttls",
+            "priority": t.priority, "weight": t.weight, "srv_secure": t.srv_secure,
+            "delegated": t.delegated, "fallback": t.fallback,
+            "addresses": list(t.addresses), "address_status": str(t.address_status) if t.address_status else None,
+            "tlsa_name": t.tlsa_name, "tlsa_status": str(t.tlsa_status) if t.tlsa_status else None,
+            "tlsa": [str(r) for r in t.tlsa], "statuses": {k: str(v) for k, v in t.statuses.items()}}
+
+
+def _attempt_obj(a: TargetAttempt) -> dict[str, Any]:
+    return {
+        "target": _target_obj(a.target),
+        "address": a.address,
+        "starttls_offered": a.starttls_offered,
+        "tls": None if a.tls is None else {"protocol": a.tls.protocol, "cipher": a.tls.cipher,
+                                           "alpn": a.tls.alpn, "server_name": a.tls.server_name},
+        "chain": [_cert_obj(c) for c in a.chain],
+        "error": a.error,
+        "verdict": a.verdict.as_json_obj() if a.verdict else None,
+        "seconds": round(a.seconds, 3),
+    }
+
+
+def _render_attempt(n: int, a: TargetAttempt) -> list[str]:
+    t = a.target
+    notes = [f"priority {t.priority} weight {t.weight}"]
+    if t.fallback:
+        notes.append("no SRV: the domain itself")
+    else:
+        notes.append("securely delegated" if t.delegated else "not securely delegated")
+    out = [f"Target {n}: {t.host}:{t.port} ({a.mode}), " + ", ".join(notes)]
+
+    def row(label: str, text: str) -> None:
+        out.append(f"  {label:<10} {text}")
+
+    row("addresses", (", ".join(t.addresses) or "none")
+        + f" [{t.address_status or '-'}]")
+    if t.tlsa_status is None:
+        row("TLSA", "not looked up (no secure delegation and no TLSA for the domain)")
+    else:
+        row("TLSA", f"{t.tlsa_name} [{t.tlsa_status}]: " + (", ".join(_short(r) for r in t.tlsa) or "none"))
+    if a.address:
+        how = "Direct TLS" if t.direct_tls else (
+            "STARTTLS" + ("" if a.starttls_offered is None else
+                          " (offered)" if a.starttls_offered else " (NOT offered; sent anyway)"))
+        tls = f", {a.tls.protocol} {a.tls.cipher or ''}".rstrip() if a.tls else ""
+        alpn = f", ALPN {a.tls.alpn}" if a.tls and a.tls.alpn else ""
+        row("connected", f"{a.address}, {how}{tls}{alpn}")
+    for i, cert in enumerate(a.chain):
+        row("chain" if i == 0 else "", f"[{i}] {cert.subject.rfc4514_string()}")
+        row("", f"    SAN: {presented_ids(cert).describe()}; issuer {cert.issuer.rfc4514_string()}; "
+                f"until {cert.not_valid_after_utc:%Y-%m-%d}")
+    if a.verdict is not None:
+        v = a.verdict
+        extra = []
+        if v.matched:
+            extra.append(f"record {_short(v.matched)}")
+        if v.identity:
+            extra.append(f"identity {v.identity}")
+        row("verdict", f"{v.verdict.upper()}" + (f" ({v.prooftype})" if v.prooftype else "")
+            + (", " + ", ".join(extra) if extra else ""))
+        row("reason", v.reason)
+        if a.error:
+            row("note", a.error)
+    else:
+        row("verdict", "FAILED (no verdict)")
+        row("reason", a.error or "-")
+    return out
+
+
+def _settings(config: str | Path | Config | None, nameserver: str | None):
+    cfg: Config | None
+    if config is None or isinstance(config, Config):
+        cfg = config
+    else:
+        try:
+            cfg = load_config(config)
+        except ConfigError as exc:
+            raise _BadInput("\n".join(exc.messages)) from None
+    try:
+        if nameserver is not None:
+            parse_nameserver(nameserver)
+            nameservers: Sequence[str] = [nameserver]
+        else:
+            nameservers = cfg.dns.nameservers if cfg else ["127.0.0.1"]
+        resolver = Resolver(nameservers, cfg.dns.trust_ad_from if cfg else (),
+                            cfg.dns.timeout if cfg else 5.0)
+    except ValueError as exc:
+        raise _BadInput(f"--nameserver: {exc}") from None
+    try:
+        policies = PolicySet.load(cfg.policy.dir or None) if cfg else PolicySet.load(None)
+        trust = TrustStore.load((cfg.policy.ca_file or None) if cfg else None)
+    except PolicyError as exc:
+        raise _BadInput("\n".join(exc.messages)) from None
+    except TrustStoreError as exc:
+        raise _BadInput(f"policy.ca_file: {exc}") from None
+    identities = {d.name: (d.cert, d.key) for d in cfg.domains} if cfg else {}
+    client = cfg.domains[0].name if cfg and cfg.domains else None
+    timeout = cfg.limits.handshake_timeout if cfg else CHECK_TIMEOUT
+    contexts = TlsContexts(identities)
+    if client:
+        try:
+            contexts.get(client)
+        except TlsConfigError as exc:
+            raise _BadInput(str(exc)) from None
+    return resolver, policies, trust, contexts, client, timeout, (cfg.limits.max_stanza_bytes if cfg else None)
+
+
+async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, trust: TrustStore | None,
+                       contexts: TlsContexts, client: str | None, timeout: float = CHECK_TIMEOUT,
+                       **attempt_kwargs: Any) -> CheckResult:
+    """Gather DOMAIN's evidence and try every target; the result, unprinted."""
+    d = normalise_domain(domain)
+    policy = policies.for_domain(d)
+    result = CheckResult(d, policy, resolver, client)
+    peer = await gather(d, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa)
+    result.evidence = peer
+    if peer.failed:
+        result.domain_verdict = decide([], Evidence(domain=d, statuses=dict(peer.srv_statuses)), policy, trust=trust)
+        return result
+    if not peer.targets:
+        why = ("it publishes no XMPP server-to-server service (SRV target '.')" if peer.no_service
+               else "DNS gave no server to connect to")
+        result.domain_verdict = reject(f"{d}: {why}", dns={k: str(v) for k, v in peer.statuses.items()},
+                                       policy_source=policy.source)
+        return result
+    for target in peer.targets:
+        attempt, _ = await attempt_target(peer, target, policy=policy, trust=trust, contexts=contexts,
+                                          local_domain=client, timeout=timeout, connect_anyway=True,
+                                          **attempt_kwargs)
+        result.attempts.append(attempt)
+    return result
+
+
+async def run_check(domain: str, *, config: str | Path | Config | None = None, nameserver: str | None = None,
+                    as_json: bool = False, out: TextIO = sys.stdout, err: TextIO | None = None) -> int:
+    """The `check` command: print the findings for DOMAIN; return the exit status (§5)."""
+    err = err if err is not None else sys.stderr
+    d = normalise_domain(domain)
+    if not d or any(c in d for c in "@/ "):
+        print(f"xmpp-dane-proxy check: error: {domain!r} is not a domain name", file=err)
+        return EXIT_BAD_INPUT
+    try:
+        resolver, policies, trust, contexts, client, timeout, max_bytes = _settings(config, nameserver)
+    except _BadInput as exc:
+        print(f"xmpp-dane-proxy check: error: {exc}", file=err)
+        return EXIT_BAD_INPUT
+    kwargs = {"max_stanza_bytes": max_bytes} if max_bytes else {}
+    try:
+        result = await check_domain(d, resolver=resolver, policies=policies, trust=trust, contexts=contexts,
+                                    client=client, timeout=timeout, **kwargs)
+    except ValueError as exc:   # a name DNS cannot carry (label too long, bad IDNA)
+        print(f"xmpp-dane-proxy check: error: {domain!r}: {exc}", file=err)
+        return EXIT_BAD_INPUT
+    if as_json:
+        print(json.dumps(result.as_json_obj(), indent=2), file=out)
+    else:
+        print(result.render(), file=out)
+    return EXIT_ACCEPT if result.accepted else EXIT_REJECT

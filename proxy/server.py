@@ -1,0 +1,265 @@
+"""Listeners and `serve()`: what `xmpp-dane-proxy run` runs.
+
+`ProxyServer` owns the inbound settings (certificates, policies, trust store, DNS), accepts
+connections on `inbound.listen`, hands each to `proxy.inbound.handle_inbound`, and enforces
+`limits.max_connections`.  `reload(config)` builds new settings and swaps them in: streams
+already running keep the settings they started with (SIGHUP drops nothing).  `serve()`
+reports where it listens through `task_status`, so tests can bind port 0.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy.config import Config, parse_hostport
+from proxy.logsetup import format_peer
+from proxy.inbound import InboundConnection, InboundSettings
+from proxy.tls import ServerCertificates
+from proxy.xmlstream import stream_error, stream_header
+
+log = logging.getLogger("xmpp_dane_proxy.server")
+
+
+def _log(level: int, event: str, **fields: object) -> None:
+    log.log(level, event, extra={"fields": {"event": event, **fields}})
+
+# accept() errors that mean "out of resources right now": keep serving after a pause
+# rather than crash (the same list trio.serve_listeners uses).
+_ACCEPT_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_BACKOFF = 0.1
+_REFUSE_TIMEOUT = 2.0
+
+ConnectionHandler = Callable[[trio.SocketStream], Awaitable[object]]
+EvidenceFor = Callable[[str, object], Awaitable[object]]
+
+
+@dataclass
+class Listening:
+    """The bound addresses, reported through `task_status.started()`."""
+
+    inbound: list[tuple[str, int]] = field(default_factory=list)
+    outbound: list[tuple[str, int]] = field(default_factory=list)
+    server: "ProxyServer | None" = None
+
+
+def dns_evidence(resolver) -> EvidenceFor:
+    """The production `evidence_for`: DESIGN §2.1 lookups via `policy.peer_evidence.gather`,
+    with the policy file's static SRV/TLSA (treated as secure), as seen by an inbound peer."""
+    from policy.peer_evidence import gather
+
+    async def evidence_for(domain: str, policy) -> object:
+        found = await gather(domain, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa)
+        return found.for_inbound()
+
+    return evidence_for
+
+
+def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None, resolver=None,
+                     policies=None, trust=None, metrics=None) -> InboundSettings:
+    """Everything inbound connections need, loaded from `config` (raises on bad files).
+
+    Pieces already loaded elsewhere (the `policy.dns.Resolver` with its cache, a
+    `PolicySet`, a `TrustStore`) can be passed in instead of being loaded again."""
+    from policy.pkix import TrustStore
+    from policy.policyfile import PolicySet
+
+    certificates = ServerCertificates.from_domains(config.domains)
+    if policies is None:
+        policies = PolicySet.load(config.policy.dir or None)
+    if trust is None:
+        trust = TrustStore.load(config.policy.ca_file or None)
+    if evidence_for is None:
+        if resolver is None:
+            from policy.dns import Resolver
+
+            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+        evidence_for = dns_evidence(resolver)
+    return InboundSettings(
+        certificates=certificates,
+        backend=config.inbound.backend,
+        policies=policies,
+        trust=trust,
+        evidence_for=evidence_for,
+        local_domains=frozenset(d.name for d in config.domains),
+        max_stanza_bytes=config.limits.max_stanza_bytes,
+        handshake_timeout=config.limits.handshake_timeout,
+        proxy_protocol=config.inbound.proxy_protocol,
+        metrics=metrics,
+    )
+
+
+async def open_listeners(addresses: Sequence[str]) -> list[trio.SocketListener]:
+    """TCP listeners for `host:port` entries.  `[::]:P` and `*:P` mean every address, IPv4
+    and IPv6 alike (what an operator writing the DESIGN §4 default expects)."""
+    listeners: list[trio.SocketListener] = []
+    try:
+        for entry in addresses:
+            host, port = parse_hostport(entry)
+            wildcard = host in ("::", "*", "")
+            listeners += await trio.open_tcp_listeners(port, host=None if wildcard else host)
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return listeners
+
+
+def _bound(listeners: Sequence[trio.SocketListener]) -> list[tuple[str, int]]:
+    return [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
+
+
+class ProxyServer:
+    """The running proxy: listeners, per-connection tasks, connection limit, reload."""
+
+    def __init__(self, config: Config, *, evidence_for: EvidenceFor | None = None, resolver=None,
+                 policies=None, trust=None, outbound_handler: ConnectionHandler | None = None,
+                 metrics=None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._evidence_for = evidence_for
+        if evidence_for is None and resolver is None:
+            from policy.dns import Resolver
+
+            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+        self.resolver = resolver
+        # May be replaced at any time (e.g. by a reload); each connection keeps the one it
+        # started with.
+        self.settings = inbound_settings(config, evidence_for=evidence_for, resolver=resolver,
+                                         policies=policies, trust=trust, metrics=metrics)
+        self.outbound_handler = outbound_handler
+        self.connections: set[InboundConnection] = set()
+        self.active = 0
+        self.refused = 0
+        self._listeners: list[trio.SocketListener] = []
+        self._nursery: trio.Nursery | None = None
+
+    def reload(self, config: Config) -> None:
+        """Load certificates, policies and the trust store again; on any error keep the old
+        ones and raise.  The resolver (and its cache) is kept; listen addresses are not
+        re-bound (that needs a restart)."""
+        self.settings = inbound_settings(config, evidence_for=self._evidence_for, resolver=self.resolver,
+                                         metrics=self.metrics)
+        self.config = config
+        _log(logging.INFO, "reloaded", domains=len(config.domains),
+             policy_files=getattr(self.settings.policies, "files", "-"))
+
+    async def serve(self, *, inbound_listeners: Sequence[trio.SocketListener] | None = None,
+                    outbound_listeners: Sequence[trio.SocketListener] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until cancelled.  Pre-opened listeners (systemd socket activation) may be
+        passed in; otherwise `inbound.listen` (and `outbound.listen` when an outbound handler
+        is set) are bound."""
+        inbound = list(inbound_listeners) if inbound_listeners is not None else \
+            await open_listeners(self.config.inbound.listen)
+        outbound: list[trio.SocketListener] = []
+        if self.outbound_handler is not None:
+            outbound = list(outbound_listeners) if outbound_listeners is not None else \
+                await open_listeners(self.config.outbound.listen)
+        self._listeners = inbound + outbound
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for listener in inbound:
+                    nursery.start_soon(self._accept_loop, listener, self._handle_inbound, nursery)
+                for listener in outbound:
+                    nursery.start_soon(self._accept_loop, listener, self.outbound_handler, nursery)
+                for host, port in _bound(inbound):
+                    _log(logging.INFO, "listening", direction="inbound", address=format_peer((host, port)))
+                task_status.started(Listening(_bound(inbound), _bound(outbound), self))
+        finally:
+            for listener in self._listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler,
+                           nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRORS:
+                    _log(logging.ERROR, "accept-failed", reason=exc.strerror)
+                    await trio.sleep(_ACCEPT_BACKOFF)
+                    continue
+                raise
+            except trio.ClosedResourceError:
+                return
+            if self.active >= self.config.limits.max_connections:
+                self.refused += 1
+                nursery.start_soon(self._refuse, stream)
+                continue
+            self.active += 1
+            nursery.start_soon(self._run_handler, handler, stream)
+
+    async def _run_handler(self, handler: ConnectionHandler, stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except Exception:
+            # One broken stream must never take the listener down.
+            log.exception("connection handler failed")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        finally:
+            self.active -= 1
+
+    async def _handle_inbound(self, stream: trio.SocketStream) -> None:
+        conn = InboundConnection(stream, self.settings)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Over `limits.max_connections`: RFC 6120 §4.9.3.17 resource-constraint, then close."""
+        limit = self.config.limits.max_connections
+        with trio.move_on_after(_REFUSE_TIMEOUT):
+            try:
+                await stream.send_all(stream_header(id=secrets.token_hex(8)) + stream_error(
+                    "resource-constraint", f"too many connections (limits.max_connections = {limit})"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
+        if self.metrics is not None:
+            self.metrics.connection_opened("inbound")
+            self.metrics.connection_closed("inbound", "over-limit")
+        _log(logging.WARNING, "refused", direction="inbound", reason="limits.max_connections reached", limit=limit)
+
+    async def shutdown(self) -> None:
+        """Stop accepting and end every stream with system-shutdown (DESIGN §3.3)."""
+        for listener in self._listeners:
+            await listener.aclose()
+        async with trio.open_nursery() as nursery:
+            for conn in list(self.connections):
+                nursery.start_soon(conn.shutdown)
+
+
+async def serve(
+    config: Config,
+    *,
+    evidence_for: EvidenceFor | None = None,
+    outbound_handler: ConnectionHandler | None = None,
+    inbound_listeners: Sequence[trio.SocketListener] | None = None,
+    outbound_listeners: Sequence[trio.SocketListener] | None = None,
+    metrics=None,
+    resolver=None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy for `config` until cancelled; `task_status.started(Listening(...))`
+    reports the bound addresses (and the `ProxyServer`, for reload/shutdown).
+
+    `outbound_handler` (e.g. a `proxy.outbound.OutboundProxy`) is run for each connection on
+    `outbound.listen`; `metrics` is a `proxy.metrics.Metrics`; `resolver` a shared
+    `policy.dns.Resolver` (all optional)."""
+    server = ProxyServer(config, evidence_for=evidence_for, resolver=resolver,
+                         outbound_handler=outbound_handler, metrics=metrics)
+    await server.serve(inbound_listeners=inbound_listeners, outbound_listeners=outbound_listeners,
+                       task_status=task_status)
+
+
+__all__ = ["Listening", "ProxyServer", "dns_evidence", "inbound_settings", "open_listeners", "serve"]

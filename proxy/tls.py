@@ -1,0 +1,446 @@
+"""TLS over any trio stream, with pyOpenSSL and memory BIOs.
+
+trio.SSLStream only wraps the stdlib `ssl` module, which on Python 3.11 cannot return the
+peer's certificate chain -- and DANE-TA needs the chain as presented (DESIGN §2.2).  So the
+TLS engine is an `OpenSSL.SSL.Connection` with no socket: ciphertext is moved between it
+and the transport stream by `TlsStream` (bio_write what arrives, bio_read what to send).
+
+OpenSSL makes no trust decision here.  A server asks for a client certificate but does not
+require one, and both sides accept whatever chain they are shown; `peer_chain()` hands it to
+the policy (`policy.decide`), which decides.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from OpenSSL import SSL
+
+ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368 §3: ALPN protocol id for Direct TLS S2S
+
+# DESIGN §3.1: TLS 1.2 is the floor (RFC 7590 §3.1 and BCP 195 / RFC 8996 retire 1.0/1.1).
+TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+_RECEIVE_SIZE = 65536           # bytes read from the transport (and the BIO) at a time
+_SEND_CHUNK = 65536             # plaintext bytes per SSL_write before flushing
+_CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
+
+# Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
+# DoS vector), server cipher preference; no session resumption: a resumed session carries
+# no freshly presented chain, and every stream's peer must be judged on its chain.
+_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET
+
+
+class TlsError(trio.BrokenResourceError):
+    """The TLS layer failed (handshake or record); the message says why, for the log."""
+
+
+class TlsConfigError(Exception):
+    """A certificate or key could not be loaded; the message names the file and problem."""
+
+
+def describe_openssl_error(exc: BaseException) -> str:
+    """One line from a pyOpenSSL exception: OpenSSL's reason strings, not a list of tuples."""
+    if isinstance(exc, SSL.SysCallError):
+        return "connection closed unexpectedly" if exc.args and exc.args[0] in (-1, 0) else str(exc)
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        reasons = [str(item[2]) for item in args[0] if isinstance(item, tuple) and len(item) == 3]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return str(exc) or type(exc).__name__
+
+
+def _accept_any_certificate(conn: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
+    # The chain is judged later by policy.decide against DANE/PKIX, never by OpenSSL.
+    return True
+
+
+def _base_context(min_version: str) -> SSL.Context:
+    if min_version not in TLS_VERSIONS:
+        raise ValueError(f"tls min version {min_version!r} is not one of {', '.join(TLS_VERSIONS)}")
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(TLS_VERSIONS[min_version])
+    ctx.set_options(_OPTIONS)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+    # S2S streams are mostly idle: give the ~34 KiB of record buffers back between records.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return ctx
+
+
+def _load_identity(ctx: SSL.Context, cert_file: str | Path, key_file: str | Path) -> None:
+    try:
+        ctx.use_certificate_chain_file(str(cert_file))
+    except SSL.Error as exc:
+        raise TlsConfigError(f"{cert_file}: cannot load certificate chain: {describe_openssl_error(exc)}") from None
+    mismatch = f"{key_file}: private key does not match the certificate in {cert_file}"
+    try:
+        ctx.use_privatekey_file(str(key_file))
+    except SSL.Error as exc:
+        reason = describe_openssl_error(exc)
+        if "mismatch" in reason:
+            raise TlsConfigError(mismatch) from None
+        raise TlsConfigError(f"{key_file}: cannot load private key: {reason}") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise TlsConfigError(mismatch) from None
+
+
+def server_context(
+    cert_file: str | Path,
+    key_file: str | Path,
+    *,
+    min_version: str = "1.2",
+    alpn: Iterable[bytes] = (ALPN_XMPP_SERVER,),
+) -> SSL.Context:
+    """A server context: this certificate, client certificate requested but not required."""
+    ctx = _base_context(min_version)
+    _load_identity(ctx, cert_file, key_file)
+    protocols = list(alpn)
+
+    def select_alpn(conn: SSL.Connection, offered: list[bytes]):
+        # XEP-0368: Direct TLS peers offer "xmpp-server".  A client offering only other
+        # protocols gets no ALPN rather than a failed handshake; the XMPP layer decides.
+        for proto in protocols:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    if protocols:
+        ctx.set_alpn_select_callback(select_alpn)
+    return ctx
+
+
+def client_context(
+    *,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+    min_version: str = "1.2",
+    alpn: Iterable[bytes] = (),
+) -> SSL.Context:
+    """A client context, optionally presenting a certificate; the server's chain is accepted
+    as-is at this layer (read it with `TlsStream.peer_chain()` and let the policy judge)."""
+    ctx = _base_context(min_version)
+    if cert_file is not None:
+        _load_identity(ctx, cert_file, key_file if key_file is not None else cert_file)
+    protocols = list(alpn)
+    if protocols:
+        ctx.set_alpn_protos(protocols)
+    return ctx
+
+
+class ServerCertificates:
+    """One server context per local domain; the certificate is chosen by SNI or by `to`.
+
+    `context_for(name)` gives the context to start a handshake with (the stream's `to` for
+    STARTTLS; None -> the first domain, for Direct TLS before SNI is known).  If the client
+    sends SNI naming another configured domain, the handshake switches to that domain's
+    certificate (an SNI naming no configured domain keeps the initial one).
+    """
+
+    def __init__(self, identities: Mapping[str, tuple[str | Path, str | Path]], *, min_version: str = "1.2") -> None:
+        if not identities:
+            raise TlsConfigError("no [[domain]] configured: the proxy has no certificate to present")
+        self._contexts: dict[str, SSL.Context] = {}
+        for name, (cert, key) in identities.items():
+            ctx = server_context(cert, key, min_version=min_version)
+            ctx.set_tlsext_servername_callback(self._on_server_name)
+            self._contexts[name.lower().rstrip(".")] = ctx
+        self._default = next(iter(self._contexts))
+
+    @classmethod
+    def from_domains(cls, domains: Iterable, *, min_version: str = "1.2") -> "ServerCertificates":
+        """From `Config.domains` (objects with `.name`, `.cert`, `.key`)."""
+        return cls({d.name: (d.cert, d.key) for d in domains}, min_version=min_version)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._contexts)
+
+    def context_for(self, name: str | None) -> SSL.Context:
+        if name is not None:
+            ctx = self._contexts.get(name.lower().rstrip("."))
+            if ctx is not None:
+                return ctx
+        return self._contexts[self._default]
+
+    def _on_server_name(self, conn: SSL.Connection) -> None:
+        raw = conn.get_servername()
+        if not raw:
+            return
+        ctx = self._contexts.get(raw.decode("ascii", "replace").lower().rstrip("."))
+        if ctx is not None and ctx is not conn.get_context():
+            conn.set_context(ctx)
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    """What the handshake established, for the verdict and the log."""
+
+    version: str                      # "1.2" / "1.3"
+    protocol: str                     # OpenSSL's name, e.g. "TLSv1.3"
+    cipher: str | None
+    alpn: str | None
+    server_name: str | None
+    chain: tuple[x509.Certificate, ...]   # the peer's chain as presented, leaf first
+
+
+class TlsStream(trio.abc.Stream):
+    """A trio Stream speaking TLS over `transport`, with pyOpenSSL over memory BIOs.
+
+    `prefix` is ciphertext already read from the transport before TLS started (e.g. the
+    first bytes of a ClientHello read to tell Direct TLS from XML); it is fed in first.
+    Call `do_handshake()` first (send_all/receive_some also do it on demand).  One task may
+    send while another receives.  EOF from the transport without close_notify reads as EOF:
+    XMPP frames its own end (`</stream:stream>`), so truncation cannot forge anything.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        prefix: bytes = b"",
+    ) -> None:
+        self.transport = transport
+        self.server_side = server_side
+        conn = SSL.Connection(context, None)
+        if server_side:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+            if server_hostname:
+                conn.set_tlsext_host_name(server_hostname.encode("idna"))
+        if prefix:
+            conn.bio_write(prefix)
+        self._conn = conn
+        self._outgoing = bytearray()
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self._handshake_lock = trio.Lock()
+        self._handshake_done = False
+        self._eof = False
+        self._closed = False
+        self._broken: str | None = None
+        self._sending = False
+        self._receiving = False
+
+    # ------------------------------------------------------------------ moving ciphertext
+    #
+    # Whatever OpenSSL writes into its memory BIO is moved, synchronously and so in order, to
+    # `_outgoing`; whoever holds `_send_lock` sends `_outgoing` until it is empty.  A reader
+    # whose SSL_read produced output (a TLS 1.3 KeyUpdate answer) therefore never has to wait
+    # behind a writer stalled on a slow peer: the writer sends those bytes too.
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                self._outgoing += self._conn.bio_read(_RECEIVE_SIZE)
+            except SSL.WantReadError:
+                return
+
+    async def _flush(self, *, wait: bool = True) -> None:
+        """Send everything OpenSSL produced.  With `wait=False`, return at once if another
+        task is already sending (it will send these bytes as well)."""
+        self._collect()
+        if not self._outgoing or (not wait and self._send_lock.locked()):
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._send_lock:
+            while self._outgoing:
+                data, self._outgoing = bytes(self._outgoing), bytearray()
+                await self.transport.send_all(data)
+
+    async def _refill(self) -> None:
+        async with self._receive_lock:
+            data = await self.transport.receive_some(_RECEIVE_SIZE)
+        if data:
+            self._conn.bio_write(data)
+        else:
+            self._eof = True
+            self._conn.bio_shutdown()
+
+    def _fail(self, what: str, exc: BaseException | None = None) -> TlsError:
+        reason = what if exc is None else f"{what}: {describe_openssl_error(exc)}"
+        self._broken = reason
+        return TlsError(reason)
+
+    # ------------------------------------------------------------------ handshake
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake to completion; raises TlsError (after sending OpenSSL's
+        alert, if it made one) when it fails."""
+        if self._handshake_done:
+            return
+        async with self._handshake_lock:
+            while not self._handshake_done:
+                self._check_usable()
+                try:
+                    self._conn.do_handshake()
+                except SSL.WantReadError:
+                    await self._flush()
+                    if self._eof:
+                        raise self._fail("the peer closed the connection during the TLS handshake") from None
+                    await self._refill()
+                    continue
+                except SSL.Error as exc:
+                    try:
+                        await self._flush()  # the alert tells the peer why
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    if self._eof and isinstance(exc, SSL.SysCallError):
+                        raise self._fail("the peer closed the connection during the TLS handshake") from None
+                    raise self._fail("TLS handshake failed", exc) from None
+                await self._flush()
+                self._handshake_done = True
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream was closed")
+        if self._broken is not None:
+            raise TlsError(self._broken)
+
+    # ------------------------------------------------------------------ trio.abc.Stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this TLS stream")
+        self._sending = True
+        try:
+            self._check_usable()
+            await self.do_handshake()
+            view = memoryview(data)
+            while view:
+                chunk = view[:_SEND_CHUNK]
+                try:
+                    written = self._conn.send(chunk)
+                except SSL.Error as exc:
+                    raise self._fail("TLS write failed", exc) from None
+                view = view[written:]
+                await self._flush()
+            if not data:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this TLS stream")
+        self._receiving = True
+        try:
+            self._check_usable()
+            await self.do_handshake()
+            size = max_bytes or _RECEIVE_SIZE
+            while True:
+                try:
+                    data = self._conn.recv(size)
+                except SSL.WantReadError:
+                    # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.
+                    await self._flush(wait=False)
+                    if self._eof:
+                        await trio.lowlevel.checkpoint()
+                        return b""
+                    await self._refill()
+                    continue
+                except SSL.ZeroReturnError:     # close_notify
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                except SSL.SysCallError as exc:
+                    if self._eof:
+                        await trio.lowlevel.checkpoint()
+                        return b""
+                    raise self._fail("TLS read failed", exc) from None
+                except SSL.Error as exc:
+                    raise self._fail("TLS read failed", exc) from None
+                self._collect()
+                if self._outgoing:
+                    await self._flush(wait=False)
+                else:
+                    # A checkpoint that cannot raise Cancelled: the data is already read.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        finally:
+            self._receiving = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Send close_notify (bounded wait) and close the transport."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshake_done and self._broken is None:
+                with trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT):
+                    try:
+                        self._conn.shutdown()
+                    except SSL.Error:
+                        pass
+                    else:
+                        await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await self.transport.aclose()
+
+    # ------------------------------------------------------------------ what was negotiated
+
+    def peer_chain(self) -> list[x509.Certificate]:
+        """The peer's certificate chain as presented, leaf first ([] if it sent none).
+
+        OpenSSL's server side leaves the client's leaf out of SSL_get_peer_cert_chain (the
+        client side includes it); both are normalised to leaf first here.
+        """
+        leaf = self._conn.get_peer_certificate(as_cryptography=True)
+        chain = list(self._conn.get_peer_cert_chain(as_cryptography=True) or [])
+        if leaf is None:
+            return chain
+        if chain and chain[0] == leaf:
+            return chain
+        return [leaf, *chain]
+
+    @property
+    def alpn(self) -> str | None:
+        proto = self._conn.get_alpn_proto_negotiated()
+        return proto.decode("ascii", "replace") if proto else None
+
+    @property
+    def server_name(self) -> str | None:
+        """SNI: sent by us (client side) or received (server side)."""
+        name = self._conn.get_servername()
+        return name.decode("ascii", "replace") if name else None
+
+    @property
+    def protocol(self) -> str | None:
+        """OpenSSL's protocol name, e.g. "TLSv1.3" (None before the handshake)."""
+        return self._conn.get_protocol_version_name() if self._handshake_done else None
+
+    @property
+    def version(self) -> str | None:
+        """"1.2" or "1.3" (None before the handshake)."""
+        proto = self.protocol
+        return proto.removeprefix("TLSv") if proto else None
+
+    @property
+    def cipher(self) -> str | None:
+        return self._conn.get_cipher_name()
+
+    def info(self) -> TlsInfo:
+        """Everything the handshake established (call after `do_handshake`)."""
+        return TlsInfo(
+            version=self.version or "",
+            protocol=self.protocol or "",
+            cipher=self.cipher,
+            alpn=self.alpn,
+            server_name=self.server_name,
+            chain=tuple(self.peer_chain()),
+        )

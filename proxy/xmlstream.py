@@ -1,0 +1,498 @@
+"""Sans-IO framing of an XMPP XML stream (RFC 6120 §4): bytes in, events out.
+
+`XmlStreamParser.feed(data)` returns events: `StreamOpened` (the stream header),
+`Element` (one complete first-level child of the stream: a stanza, `<db:result>`,
+`<stream:features>`, ...), `StreamClosed` (`</stream:stream>`), and at most one `XmlError`
+after which the parser accepts nothing more.  There is no I/O in here.
+
+The proxy relays bytes as they were received, never re-serialised (DESIGN §8), so every
+`Element` carries `raw`: its exact byte span in the input.  expat tells where a start tag
+begins (`CurrentByteIndex`); the end of the element is found from there (see
+`_element_end`).  Only the names and attributes the proxy needs are parsed into a small tree
+(first-level element plus two levels of children, no text).
+
+Input is checked against RFC 6120 §11: restricted XML (no DTD, comments, processing
+instructions, entity declarations or references other than the five predefined ones),
+UTF-8 only, and a size limit on each first-level element that is enforced while its bytes
+are still arriving, so a peer cannot make the proxy buffer without bound.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from xml.parsers import expat
+
+from proxy.streamerrors import CONDITIONS
+
+NS_STREAMS = "http://etherx.jabber.org/streams"
+NS_SERVER = "jabber:server"
+NS_DIALBACK = "jabber:server:dialback"
+NS_DIALBACK_FEATURES = "urn:xmpp:features:dialback"
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+NS_STANZA_ERRORS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_XML = "http://www.w3.org/XML/1998/namespace"
+
+# 256 KiB: the default stanza size limit of ejabberd (max_stanza_size) and of xmpp-proxy;
+# Prosody's s2s default (s2s_stanza_size_limit) is 512 KiB, so nothing legitimate between
+# Prosody servers is near it, while a peer still cannot make us hold megabytes per stream.
+DEFAULT_MAX_STANZA_BYTES = 262144
+
+# Children kept in Element.children: first-level element (depth 0 here) plus two levels.
+# Enough for <stream:features><starttls><required/>, <stream:error><cond/>, and
+# <db:result><error><not-authorized/>; deeper content is relayed but not inspected.
+_TREE_DEPTH = 3
+
+# A start tag up to its closing '>', skipping '>' inside quoted attribute values (XML 1.0
+# §3.1 allows a literal '>' there).  Only applied to tags expat already accepted as
+# well-formed; the possessive quantifier rules out backtracking.
+_START_TAG = re.compile(rb"""<[^\s/>]+(?:[^>"']|"[^"]*"|'[^']*')*+>""")
+
+# Characters not allowed in XML 1.0 (§2.2); removed from text we generate, because reasons
+# can quote data that came from a peer.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+_E = expat.errors
+# RFC 6120 §11.1: entity references other than the predefined ones are "restricted XML",
+# not merely malformed; expat reports them as these errors when no DTD declared them.
+_RESTRICTED_CODES = {
+    _E.codes[getattr(_E, name)]
+    for name in (
+        "XML_ERROR_UNDEFINED_ENTITY", "XML_ERROR_RECURSIVE_ENTITY_REF",
+        "XML_ERROR_BINARY_ENTITY_REF", "XML_ERROR_ATTRIBUTE_EXTERNAL_ENTITY_REF",
+        "XML_ERROR_EXTERNAL_ENTITY_HANDLING", "XML_ERROR_ENTITY_DECLARED_IN_PE",
+        "XML_ERROR_AMPLIFICATION_LIMIT_BREACH",
+    )
+    if hasattr(_E, name)
+}
+_UNBOUND_PREFIX = _E.codes[_E.XML_ERROR_UNBOUND_PREFIX]
+_ENCODING_CODES = {_E.codes[_E.XML_ERROR_UNKNOWN_ENCODING], _E.codes[_E.XML_ERROR_INCORRECT_ENCODING]}
+
+
+@dataclass(frozen=True)
+class Node:
+    """An element's name, namespace and attributes, and (to a limited depth) its children.
+
+    Attribute names without a namespace are plain (`"to"`); namespaced ones use Clark
+    notation (`"{http://www.w3.org/XML/1998/namespace}lang"`).  `span` is the child's byte
+    range inside its first-level element's `raw` (only set on direct children of it).
+    """
+
+    ns: str
+    name: str
+    attrs: Mapping[str, str]
+    children: tuple["Node", ...] = ()
+    span: tuple[int, int] | None = None
+
+    def is_(self, ns: str, name: str) -> bool:
+        return self.name == name and self.ns == ns
+
+    def find(self, ns: str, name: str) -> "Node | None":
+        """The first direct child called `{ns}name`, or None."""
+        for child in self.children:
+            if child.name == name and child.ns == ns:
+                return child
+        return None
+
+    def iter(self) -> Iterator["Node"]:
+        """This node and every kept descendant, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.iter()
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    """The stream header `<stream:stream ...>`; `raw` is the start tag exactly as received.
+
+    `namespaces` maps each prefix declared on the header to its URI (`None` for the
+    default namespace): XEP-0220 §2.4.1 has peers announce dialback with `xmlns:db`.
+    """
+
+    attrs: Mapping[str, str]
+    namespaces: Mapping[str | None, str]
+    raw: bytes
+
+    @property
+    def to(self) -> str | None:
+        return self.attrs.get("to")
+
+    @property
+    def from_(self) -> str | None:
+        return self.attrs.get("from")
+
+    @property
+    def id(self) -> str | None:
+        return self.attrs.get("id")
+
+    @property
+    def version(self) -> str | None:
+        return self.attrs.get("version")
+
+    @property
+    def content_ns(self) -> str | None:
+        """The default namespace declared on the header (`jabber:server` for S2S)."""
+        return self.namespaces.get(None)
+
+
+@dataclass(frozen=True)
+class Element(Node):
+    """A complete first-level child of the stream; `raw` is its exact byte span as received."""
+
+    raw: bytes = b""
+
+    def raw_without(self, drop: Callable[[Node], bool]) -> bytes:
+        """`raw` with the direct children for which `drop` is true cut out, byte-exactly.
+
+        Used to pass on a `<stream:features>` minus `<starttls/>` without re-serialising.
+        """
+        out, pos = [], 0
+        for child in self.children:
+            if child.span is not None and drop(child):
+                out.append(self.raw[pos:child.span[0]])
+                pos = child.span[1]
+        out.append(self.raw[pos:])
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """`</stream:stream>` was received."""
+
+
+@dataclass(frozen=True)
+class XmlError:
+    """The input violates XML or RFC 6120's rules for it; `condition` is the stream error."""
+
+    condition: str
+    text: str
+
+
+Event = StreamOpened | Element | StreamClosed | XmlError
+
+
+class _Halt(Exception):
+    """Raised inside an expat handler to stop parsing the current buffer."""
+
+
+class _Builder:
+    __slots__ = ("ns", "name", "attrs", "children", "start")
+
+    def __init__(self, ns: str, name: str, attrs: dict[str, str], start: int) -> None:
+        self.ns, self.name, self.attrs, self.children, self.start = ns, name, attrs, [], start
+
+
+def _split(qname: str) -> tuple[str, str]:
+    ns, sep, local = qname.rpartition(" ")
+    return (ns, local) if sep else ("", qname)
+
+
+def _attrs(raw: dict[str, str]) -> dict[str, str]:
+    if not any(" " in key for key in raw):
+        return raw
+    out = {}
+    for key, value in raw.items():
+        ns, local = _split(key)
+        out[f"{{{ns}}}{local}" if ns else local] = value
+    return out
+
+
+class XmlStreamParser:
+    """Frames one XML stream.  Create a fresh one for each stream restart (RFC 6120 §4.3.3).
+
+    `stop_after(element)` returning true makes the parser stop right after that element:
+    bytes that followed it in the input are kept in `trailing` and later `feed` calls only
+    append there.  That is how the bytes after `<starttls/>` (the start of the TLS
+    handshake, if the peer sent it early) are handed to TLS instead of to expat.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+        stop_after: Callable[[Element], bool] | None = None,
+    ) -> None:
+        self.max_stanza_bytes = max_stanza_bytes
+        self._stop_after = stop_after
+        # RFC 6120 §11.6: XMPP is UTF-8 only; forcing it also keeps byte offsets meaningful.
+        p = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
+        # No CharacterDataHandler is installed (text is relayed as raw bytes, never
+        # delivered), so `buffer_text` would only cost its 8 KiB buffer per parser.
+        p.buffer_text = False
+        p.ordered_attributes = False
+        # Parameter entities (and with them external DTD subsets) are never read.
+        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        # expat >= 2.6 may defer reparsing an incomplete token until much more data has
+        # arrived; in an interactive protocol that would hold back a complete stream header
+        # while the peer waits for our answer.
+        if hasattr(p, "SetReparseDeferralEnabled"):
+            p.SetReparseDeferralEnabled(False)
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.StartNamespaceDeclHandler = self._ns_decl
+        p.XmlDeclHandler = self._xml_decl
+        # RFC 6120 §11.1: none of these may appear in an XML stream.
+        p.CommentHandler = lambda _data: self._restricted("an XML comment")
+        p.ProcessingInstructionHandler = lambda target, _data: self._restricted(
+            f"a processing instruction <?{target} ...?>")
+        p.StartDoctypeDeclHandler = lambda name, *_: self._restricted(f"a DTD (<!DOCTYPE {name}>)")
+        p.EntityDeclHandler = lambda name, *_: self._restricted(f"an entity declaration ({name})")
+        p.SkippedEntityHandler = lambda name, _is_pe: self._restricted(f"an entity reference &{name};")
+        p.ExternalEntityRefHandler = lambda *_: self._restricted("an external entity reference")
+        self._p = p
+        self._buf = bytearray()
+        self._base = 0          # absolute stream offset of _buf[0]
+        self._consumed = 0      # absolute offset just after the last complete event
+        self._depth = 0
+        self._el_start = -1     # absolute offset of the open first-level element, or -1
+        self._stack: list[_Builder] = []
+        self._pending_ns: dict[str | None, str] = {}
+        self._events: list[Event] = []
+        self._state = "open"    # open | stopped | closed | failed
+        self.trailing = b""
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def state(self) -> str:
+        """`open`, `stopped` (after a `stop_after` element), `closed` or `failed`."""
+        return self._state
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse `data` (any split of the stream is fine); return the events it completed."""
+        if self._state == "stopped":
+            self.trailing += data
+            return []
+        if self._state != "open" or not data:
+            return []
+        self._buf += data
+        try:
+            self._p.Parse(data, False)
+        except _Halt:
+            pass
+        except expat.ExpatError as exc:
+            self._fail(*self._classify(exc))
+        if self._state == "open":
+            self._compact_and_check()
+        events, self._events = self._events, []
+        return events
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an element (or header) that is not complete yet."""
+        return len(self._buf)
+
+    # ---------------------------------------------------------------- expat handlers
+
+    def _ns_decl(self, prefix: str | None, uri: str) -> None:
+        self._pending_ns[prefix] = uri
+
+    def _xml_decl(self, version: str | None, encoding: str | None, standalone: int) -> None:
+        if encoding is not None and encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+            # RFC 6120 §11.6 / §4.9.3.22
+            self._fail("unsupported-encoding", f"the XML declaration names encoding {encoding!r}; XMPP is UTF-8 only")
+            raise _Halt
+
+    def _start(self, qname: str, attrs: dict[str, str]) -> None:
+        depth = self._depth
+        self._depth = depth + 1
+        if depth == 0:
+            self._open_stream(qname, attrs)
+            return
+        if depth == 1:
+            start = self._p.CurrentByteIndex
+            self._el_start = start
+            self._pending_ns.clear()
+            ns, name = _split(qname)
+            self._stack = [_Builder(ns, name, _attrs(attrs), start)]
+        elif depth <= _TREE_DEPTH:
+            if self._pending_ns:
+                self._pending_ns.clear()
+            ns, name = _split(qname)
+            self._stack.append(_Builder(ns, name, _attrs(attrs), self._p.CurrentByteIndex))
+        elif self._pending_ns:
+            self._pending_ns.clear()
+
+    def _end(self, qname: str) -> None:
+        depth = self._depth - 1
+        self._depth = depth
+        if depth == 0:
+            self._state = "closed"
+            self._events.append(StreamClosed())
+            raise _Halt
+        if depth > _TREE_DEPTH:
+            return
+        if depth >= 2:
+            b = self._stack.pop()
+            span = None
+            if depth == 2:
+                # Direct child of the first-level element: remember its byte range,
+                # relative to the first-level element's start.
+                end = self._element_end(b.start, self._p.CurrentByteIndex)
+                span = (b.start - self._el_start, end - self._el_start)
+            self._stack[-1].children.append(Node(b.ns, b.name, b.attrs, tuple(b.children), span))
+            return
+        # depth == 1: a first-level element is complete.
+        b = self._stack.pop()
+        start = self._el_start
+        end = self._element_end(start, self._p.CurrentByteIndex)
+        if end - start > self.max_stanza_bytes:
+            self._too_big(end - start)
+            raise _Halt
+        raw = bytes(self._buf[start - self._base:end - self._base])
+        element = Element(b.ns, b.name, b.attrs, tuple(b.children), None, raw)
+        self._el_start = -1
+        self._consumed = end
+        self._events.append(element)
+        if self._stop_after is not None and self._stop_after(element):
+            self._state = "stopped"
+            self.trailing = bytes(self._buf[end - self._base:])
+            raise _Halt
+
+    def _open_stream(self, qname: str, attrs: dict[str, str]) -> None:
+        ns, name = _split(qname)
+        namespaces, self._pending_ns = dict(self._pending_ns), {}
+        # RFC 6120 §4.8.1: the root element is <stream> in the stream namespace.
+        if name != "stream":
+            self._fail("bad-format", f"the stream must start with <stream:stream>, not <{name}>")
+            raise _Halt
+        if ns != NS_STREAMS:
+            self._fail("invalid-namespace", f"the stream element's namespace is {ns or 'empty'!r}, not {NS_STREAMS!r}")
+            raise _Halt
+        start = self._p.CurrentByteIndex
+        end = self._tag_end(start)
+        self._consumed = end
+        self._events.append(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
+
+    def _restricted(self, what: str) -> None:
+        self._fail("restricted-xml", f"{what} is not allowed in an XMPP stream (RFC 6120 §11.1)")
+        raise _Halt
+
+    # ---------------------------------------------------------------- framing helpers
+
+    def _tag_end(self, start: int) -> int:
+        """Absolute offset just past the start tag beginning at absolute offset `start`."""
+        m = _START_TAG.match(self._buf, start - self._base)
+        if m is None:  # cannot happen for a tag expat accepted; fail closed if it does
+            raise AssertionError(f"no start tag at byte {start}")
+        return m.end() + self._base
+
+    def _element_end(self, start: int, event_index: int) -> int:
+        """Absolute offset just past the element whose start tag begins at `start`.
+
+        In an end-element callback expat's CurrentByteIndex is the start of the end tag
+        `</x>` -- or, for an empty-element tag `<x/>`, the end of that tag.  Which case
+        applies is read from the start tag itself (does it end in "/>"), not assumed.
+        """
+        tag_end = self._tag_end(start)
+        rel = tag_end - self._base
+        if self._buf[rel - 2:rel] == b"/>":
+            return tag_end
+        return self._buf.index(b">", event_index - self._base) + 1 + self._base
+
+    def _compact_and_check(self) -> None:
+        if self._depth >= 2:
+            keep = self._el_start
+        elif self._depth == 1:
+            # Between first-level elements only whitespace (keepalives) is meaningful;
+            # everything up to the next '<' can go, so idle pings never accumulate.
+            lt = self._buf.find(b"<", max(0, self._consumed - self._base))
+            keep = self._base + len(self._buf) if lt < 0 else self._base + lt
+            self._consumed = keep
+        else:
+            keep = self._base  # header not complete yet
+        drop = keep - self._base
+        if drop > 0:
+            del self._buf[:drop]
+            self._base = keep
+        pending = len(self._buf)
+        if pending > self.max_stanza_bytes:
+            if self._depth == 0:
+                self._fail("policy-violation", f"stream header larger than {self.max_stanza_bytes} bytes")
+            else:
+                self._too_big(pending, incomplete=True)
+
+    def _too_big(self, size: int, incomplete: bool = False) -> None:
+        # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
+        more = "more than " if incomplete else ""
+        self._fail("policy-violation", f"element of {more}{size} bytes exceeds the limit of {self.max_stanza_bytes} bytes")
+
+    def _classify(self, exc: expat.ExpatError) -> tuple[str, str]:
+        where = f"at byte {self._p.ErrorByteIndex} (line {exc.lineno}, column {exc.offset})"
+        message = expat.ErrorString(exc.code)
+        if exc.code in _RESTRICTED_CODES:
+            return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
+        if exc.code == _UNBOUND_PREFIX:
+            return "bad-namespace-prefix", f"{message} {where}"
+        if exc.code in _ENCODING_CODES:
+            return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
+        return "not-well-formed", f"{message} {where}"
+
+    def _fail(self, condition: str, text: str) -> None:
+        if self._state in ("failed", "closed"):
+            return
+        self._state = "failed"
+        self._events.append(XmlError(condition, text))
+        self._buf = bytearray()
+
+
+# -------------------------------------------------------------------- building output
+
+def xml_text(text: str) -> str:
+    """`text` safe as XML character data: escaped, and characters XML forbids replaced."""
+    text = _NOT_XML_CHAR.sub("\ufffd", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def xml_attr(value: str) -> str:
+    """`value` quoted for use as an attribute value (single quotes)."""
+    return "'" + xml_text(value).replace("'", "&apos;").replace('"', "&quot;") + "'"
+
+
+def stream_header(
+    *,
+    to: str | None = None,
+    from_: str | None = None,
+    id: str | None = None,
+    version: str | None = "1.0",
+    content_ns: str = NS_SERVER,
+    dialback: bool = True,
+    lang: str | None = "en",
+    xml_declaration: bool = True,
+) -> bytes:
+    """A stream header (RFC 6120 §4.7), with `xmlns:db` when `dialback` (XEP-0220 §2.4.1)."""
+    parts = ["<stream:stream", f" xmlns={xml_attr(content_ns)}", f" xmlns:stream={xml_attr(NS_STREAMS)}"]
+    if dialback:
+        parts.append(f" xmlns:db={xml_attr(NS_DIALBACK)}")
+    for name, value in (("from", from_), ("to", to), ("id", id), ("version", version), ("xml:lang", lang)):
+        if value is not None:
+            parts.append(f" {name}={xml_attr(value)}")
+    parts.append(">")
+    decl = "<?xml version='1.0'?>" if xml_declaration else ""
+    return (decl + "".join(parts)).encode("utf-8")
+
+
+STREAM_CLOSE = b"</stream:stream>"
+
+
+def stream_error(condition: str, text: str, *, close: bool = True) -> bytes:
+    """`<stream:error>` with `condition` and a `<text>` reason (RFC 6120 §4.9.2), then the
+    closing `</stream:stream>` unless `close` is false.  Assumes the `stream` prefix is bound,
+    as it is in every header `stream_header` builds.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"{condition!r} is not an RFC 6120 §4.9.3 stream error condition")
+    body = (
+        f"<stream:error><{condition} xmlns={xml_attr(NS_STREAM_ERRORS)}/>"
+        f"<text xmlns={xml_attr(NS_STREAM_ERRORS)} xml:lang='en'>{xml_text(text)}</text></stream:error>"
+    ).encode("utf-8")
+    return body + (STREAM_CLOSE if close else b"")
+
+
+__all__ = [
+    "DEFAULT_MAX_STANZA_BYTES", "Element", "Event", "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES",
+    "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS", "NS_TLS", "NS_XML",
+    "STREAM_CLOSE", "StreamClosed", "StreamOpened", "XmlError", "XmlStreamParser",
+    "stream_error", "stream_header", "xml_attr", "xml_text",
+]

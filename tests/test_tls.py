@@ -1,0 +1,482 @@
+"""TLS over trio with pyOpenSSL memory BIOs (proxy/tls.py), against real `openssl s_client`/`s_server`.
+
+Also home of `OpenSSLProcess`, a trio wrapper for openssl command-line peers that the inbound
+tests import.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import serialization
+
+from pki import TestCA, self_signed
+from proxy.tls import (
+    ServerCertificates, TlsConfigError, TlsError, TlsStream, client_context, server_context,
+)
+
+TIMEOUT = 15.0
+
+
+# ------------------------------------------------------------------------------ helpers
+
+class OpenSSLProcess:
+    """A running `openssl` command with stdout+stderr collected; always killed on exit."""
+
+    def __init__(self, proc: trio.Process, argv: list[str]) -> None:
+        self.proc = proc
+        self.argv = argv
+        self.output = b""
+        self._changed = trio.Event()
+        self.eof = False
+
+    @classmethod
+    @asynccontextmanager
+    async def run(cls, *argv: str):
+        argv = ["openssl", *map(str, argv)]
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        me = cls(proc, argv)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(me._collect)
+                try:
+                    yield me
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+
+    async def _collect(self) -> None:
+        while True:
+            chunk = await self.proc.stdout.receive_some(65536)
+            if not chunk:
+                self.eof = True
+                self._changed.set()
+                return
+            self.output += chunk
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, pattern: bytes, timeout: float = TIMEOUT) -> re.Match:
+        """Wait until the output matches `pattern` (a regex); fail with the output if not."""
+        with trio.move_on_after(timeout):
+            while True:
+                m = re.search(pattern, self.output)
+                if m:
+                    return m
+                if self.eof:
+                    break
+                await self._changed.wait()
+        raise AssertionError(f"{pattern!r} not seen in output of {' '.join(self.argv)}:\n"
+                             + self.output.decode(errors="replace"))
+
+    async def send(self, data: bytes) -> None:
+        await self.proc.stdin.send_all(data)
+
+    async def close_stdin(self) -> None:
+        await self.proc.stdin.aclose()
+
+    async def exit_code(self, timeout: float = TIMEOUT) -> int:
+        with trio.fail_after(timeout):
+            return await self.proc.wait()
+
+
+@dataclass
+class Identity:
+    """A certificate written to disk: `cert` = full chain PEM, `leaf`/`rest` split for openssl."""
+
+    issued: object
+    cert: Path
+    key: Path
+    leaf: Path
+    rest: Path
+
+
+def write_identity(issued, directory: Path, name: str) -> Identity:
+    cert, key = issued.write(directory, name)
+    leaf, rest = directory / f"{name}-leaf.pem", directory / f"{name}-rest.pem"
+    leaf.write_bytes(issued.chain[0].public_bytes(serialization.Encoding.PEM))
+    rest.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issued.chain[1:]))
+    return Identity(issued, cert, key, leaf, rest)
+
+
+def client_cert_args(ident: Identity) -> list[str]:
+    args = ["-cert", ident.leaf, "-key", ident.key]
+    if len(ident.issued.chain) > 1:
+        args += ["-cert_chain", ident.rest]
+    return args
+
+
+@asynccontextmanager
+async def one_listener():
+    """A TCP listener on 127.0.0.1, port chosen by the kernel."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        yield listeners[0], listeners[0].socket.getsockname()[1]
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tlspki")
+    ca = TestCA()
+    inter = ca.intermediate()
+    return {
+        "dir": d,
+        "ca": ca,
+        "b": write_identity(inter.issue(dns=["b.example"]), d, "b"),
+        "c": write_identity(inter.issue(dns=["c.example"], key_type="rsa"), d, "c"),
+        "a": write_identity(inter.issue(dns=["a.example"]), d, "a"),
+        "selfsigned": write_identity(self_signed(["s.example"]), d, "s"),
+    }
+
+
+def subjects(chain) -> list[str]:
+    return [c.subject.rfc4514_string() for c in chain]
+
+
+# ------------------------------------------------------------------------------ server side vs s_client
+
+def test_server_side_with_s_client_presenting_a_chain(pki):
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key)})
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run(
+                "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "b.example",
+                "-alpn", "xmpp-server", "-brief", *client_cert_args(pki["a"]),
+            ) as client:
+                with trio.fail_after(TIMEOUT):
+                    transport = await listener.accept()
+                    tls = TlsStream(transport, certs.context_for("b.example"), server_side=True)
+                    await tls.do_handshake()
+                    info = tls.info()
+                    await tls.send_all(b"hello from the proxy\n")
+                    await client.wait_for(rb"hello from the proxy")
+                    await client.send(b"hello from s_client\n")
+                    got = b""
+                    while b"\n" not in got:
+                        got += await tls.receive_some()
+                    await tls.aclose()
+        assert got == b"hello from s_client\n"
+        # The server side of OpenSSL omits the leaf from the peer chain; TlsStream puts it back.
+        assert subjects(info.chain) == ["CN=a.example", "CN=Test Intermediate CA"]
+        assert info.chain[0] == pki["a"].issued.cert
+        assert (info.version, info.protocol, info.alpn, info.server_name) == ("1.3", "TLSv1.3", "xmpp-server", "b.example")
+        assert re.search(rb"Peer certificate: CN\s*=\s*b\.example", client.output)
+
+    trio.run(main)
+
+
+def test_server_side_client_certificate_is_optional(pki):
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key)})
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run("s_client", "-connect", f"127.0.0.1:{port}", "-brief", "-tls1_2"):
+                with trio.fail_after(TIMEOUT):
+                    tls = TlsStream(await listener.accept(), certs.context_for(None), server_side=True)
+                    await tls.do_handshake()
+                    assert tls.peer_chain() == []
+                    assert tls.version == "1.2" and tls.alpn is None and tls.server_name is None
+                    await tls.aclose()
+
+    trio.run(main)
+
+
+def test_server_side_accepts_any_client_chain_the_policy_decides(pki):
+    """A self-signed client certificate (as DANE-EE peers use) must not fail the handshake."""
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key)})
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run("s_client", "-connect", f"127.0.0.1:{port}", "-brief",
+                                          *client_cert_args(pki["selfsigned"])):
+                with trio.fail_after(TIMEOUT):
+                    tls = TlsStream(await listener.accept(), certs.context_for(None), server_side=True)
+                    await tls.do_handshake()
+                    assert tls.peer_chain() == [pki["selfsigned"].issued.cert]
+                    await tls.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("sni,expected", [("c.example", "c.example"), ("b.example", "b.example"),
+                                          ("unknown.example", "b.example"), (None, "b.example")])
+def test_sni_selects_the_certificate(pki, sni, expected):
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key),
+                                    "c.example": (pki["c"].cert, pki["c"].key)})
+        args = ["-servername", sni] if sni else ["-noservername"]
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run("s_client", "-connect", f"127.0.0.1:{port}", "-brief", *args) as client:
+                with trio.fail_after(TIMEOUT):
+                    # Start with the default (first) domain, as for Direct TLS.
+                    tls = TlsStream(await listener.accept(), certs.context_for(None), server_side=True)
+                    await tls.do_handshake()
+                    await client.wait_for(rb"Peer certificate: CN\s*=\s*" + re.escape(expected.encode()) + rb"\b")
+                    await tls.aclose()
+
+    trio.run(main)
+
+
+def test_tls_1_1_is_refused(pki):
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key)})
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run("s_client", "-connect", f"127.0.0.1:{port}", "-brief",
+                                          "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0") as client:
+                with trio.fail_after(TIMEOUT):
+                    tls = TlsStream(await listener.accept(), certs.context_for(None), server_side=True)
+                    with pytest.raises(TlsError) as err:
+                        await tls.do_handshake()
+                    await tls.aclose()
+                    assert await client.exit_code() != 0
+        assert "unsupported protocol" in str(err.value)
+        # OpenSSL sent a protocol_version alert, which s_client reports.
+        assert re.search(rb"alert protocol version|unsupported protocol|no protocols available", client.output), client.output
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("garbage,reason,alert", [
+    # An HTTP request: OpenSSL recognises it and fails without an alert.
+    (b"GET / HTTP/1.1\r\nHost: b.example\r\n\r\n", "http request", False),
+    # Claims to be a TLS handshake record, but the ClientHello inside is truncated nonsense.
+    (b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00", "", True),
+    # Not TLS at all.
+    (b"\x00" * 64, "", False),
+])
+def test_garbage_instead_of_client_hello_fails_with_a_reason(pki, garbage, reason, alert):
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        tls = TlsStream(a, server_context(pki["b"].cert, pki["b"].key), server_side=True)
+        await b.send_all(garbage)
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(TlsError) as err:
+                await tls.do_handshake()
+        assert str(err.value).startswith("TLS handshake failed: ") and reason in str(err.value)
+        await tls.aclose()
+        sent_back = b""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await b.receive_some():
+                sent_back += chunk
+        if alert:
+            assert sent_back[:1] == b"\x15", sent_back  # a TLS alert record told the peer why
+        with pytest.raises(trio.ClosedResourceError):
+            await tls.send_all(b"x")
+
+    trio.run(main)
+
+
+def test_prefix_bytes_read_before_tls_are_used(pki):
+    """Direct TLS detection reads the first bytes of the ClientHello; they are fed in first."""
+    async def main():
+        certs = ServerCertificates({"b.example": (pki["b"].cert, pki["b"].key)})
+        async with one_listener() as (listener, port):
+            async with OpenSSLProcess.run("s_client", "-connect", f"127.0.0.1:{port}", "-brief",
+                                          "-servername", "b.example", "-alpn", "xmpp-server") as client:
+                with trio.fail_after(TIMEOUT):
+                    transport = await listener.accept()
+                    first = await transport.receive_some(1)
+                    assert first == b"\x16"
+                    tls = TlsStream(transport, certs.context_for(None), server_side=True, prefix=first)
+                    await tls.do_handshake()
+                    assert tls.alpn == "xmpp-server"
+                    await tls.send_all(b"direct tls works\n")
+                    await client.wait_for(rb"direct tls works")
+                    await tls.aclose()
+
+    trio.run(main)
+
+
+def test_peer_closing_during_handshake_is_reported(pki):
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        tls = TlsStream(a, server_context(pki["b"].cert, pki["b"].key), server_side=True, prefix=b"\x16\x03\x01")
+        await b.aclose()
+        with pytest.raises(TlsError, match="closed the connection during the TLS handshake"):
+            with trio.fail_after(TIMEOUT):
+                await tls.do_handshake()
+
+    trio.run(main)
+
+
+# ------------------------------------------------------------------------------ client side vs s_server
+
+def test_client_side_with_s_server_requiring_a_client_certificate(pki):
+    async def main():
+        b = pki["b"]
+        async with OpenSSLProcess.run(
+            "s_server", "-accept", "127.0.0.1:0", "-cert", b.leaf, "-key", b.key, "-cert_chain", b.rest,
+            "-Verify", "2", "-alpn", "xmpp-server", "-rev", "-naccept", "1",
+        ) as server:
+            port = int((await server.wait_for(rb"ACCEPT 127\.0\.0\.1:(\d+)")).group(1))
+            ctx = client_context(cert_file=pki["a"].cert, key_file=pki["a"].key, alpn=[b"xmpp-server"])
+            with trio.fail_after(TIMEOUT):
+                tls = TlsStream(await trio.open_tcp_stream("127.0.0.1", port), ctx,
+                                server_side=False, server_hostname="b.example")
+                await tls.do_handshake()
+                await tls.send_all(b"stressed\n")
+                got = b""
+                while b"\n" not in got:
+                    got += await tls.receive_some()
+                chain = tls.peer_chain()
+                await tls.aclose()
+                assert await server.exit_code() == 0
+        assert got == b"desserts\n"   # s_server -rev answers reversed: it read our data
+        assert subjects(chain) == ["CN=b.example", "CN=Test Intermediate CA"]
+        assert tls.alpn == "xmpp-server" and tls.server_name == "b.example"
+        # s_server received our client certificate (it prints the verify chain it built).
+        assert re.search(rb"depth=0 CN\s*=\s*a\.example", server.output), server.output
+
+    trio.run(main)
+
+
+def test_client_side_refuses_a_tls_1_1_server_when_minimum_is_1_3(pki):
+    async def main():
+        b = pki["b"]
+        async with OpenSSLProcess.run("s_server", "-accept", "127.0.0.1:0", "-cert", b.leaf, "-key", b.key,
+                                      "-tls1_2", "-naccept", "1") as server:
+            port = int((await server.wait_for(rb"ACCEPT 127\.0\.0\.1:(\d+)")).group(1))
+            tls = TlsStream(await trio.open_tcp_stream("127.0.0.1", port), client_context(min_version="1.3"),
+                            server_side=False, server_hostname="b.example")
+            with pytest.raises(TlsError, match="TLS handshake failed"):
+                with trio.fail_after(TIMEOUT):
+                    await tls.do_handshake()
+            await tls.aclose()
+
+    trio.run(main)
+
+
+# ------------------------------------------------------------------------------ both sides ours
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_concurrent_bulk_transfer_both_ways_and_close_notify(pki, version):
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        server_ctx = server_context(pki["b"].cert, pki["b"].key)
+        client_ctx = client_context(cert_file=pki["a"].cert, key_file=pki["a"].key)
+        if version == "1.2":
+            from OpenSSL import SSL
+            client_ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+        server = TlsStream(a, server_ctx, server_side=True)
+        client = TlsStream(b, client_ctx, server_side=False, server_hostname="b.example")
+        payload_up = bytes(range(256)) * 4000       # ~1 MB each way
+        payload_down = bytes(reversed(range(256))) * 4000
+        received = {}
+
+        async def pump(sender, receiver, payload, key):
+            async def send():
+                await sender.send_all(payload)
+
+            async def recv():
+                buf = bytearray()
+                while len(buf) < len(payload):
+                    buf += await receiver.receive_some()
+                received[key] = bytes(buf)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(send)
+                n.start_soon(recv)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                n.start_soon(server.do_handshake)
+                n.start_soon(client.do_handshake)
+            assert server.version == client.version == version
+            async with trio.open_nursery() as n:
+                n.start_soon(pump, client, server, payload_up, "up")
+                n.start_soon(pump, server, client, payload_down, "down")
+            await client.aclose()
+            assert await server.receive_some() == b""   # close_notify arrived
+        assert received == {"up": payload_up, "down": payload_down}
+        assert subjects(server.peer_chain())[0] == "CN=a.example"
+
+    trio.run(main)
+
+
+def test_a_writer_stalled_on_a_slow_peer_does_not_block_the_reader(pki):
+    """Relaying both ways at once: our send to a peer that does not read must not stop us
+    from reading what that peer sends (or both sides could stall)."""
+    async def main():
+        sa, sb = trio.socket.socketpair()
+        server = TlsStream(trio.SocketStream(sa), server_context(pki["b"].cert, pki["b"].key), server_side=True)
+        client = TlsStream(trio.SocketStream(sb), client_context(), server_side=False)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                n.start_soon(server.do_handshake)
+                n.start_soon(client.do_handshake)
+            async with trio.open_nursery() as n:
+                n.start_soon(server.send_all, b"x" * 20_000_000)     # the client never reads this
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(100):
+                    await client.send_all(b"ping %d\n" % i)
+                    assert await server.receive_some() == b"ping %d\n" % i
+                n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_eof_without_close_notify_reads_as_eof(pki):
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        server = TlsStream(a, server_context(pki["b"].cert, pki["b"].key), server_side=True)
+        client = TlsStream(b, client_context(), server_side=False)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                n.start_soon(server.do_handshake)
+                n.start_soon(client.do_handshake)
+            await client.send_all(b"last words")
+            await b.aclose()      # the transport goes away, no close_notify
+            data = b""
+            while True:
+                chunk = await server.receive_some()
+                if not chunk:
+                    break
+                data += chunk
+        assert data == b"last words"
+
+    trio.run(main)
+
+
+def test_concurrent_senders_are_refused(pki):
+    async def main():
+        sa, sb = trio.socket.socketpair()
+        server = TlsStream(trio.SocketStream(sa), server_context(pki["b"].cert, pki["b"].key), server_side=True)
+        client = TlsStream(trio.SocketStream(sb), client_context(), server_side=False)
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                n.start_soon(server.do_handshake)
+                n.start_soon(client.do_handshake)
+            async with trio.open_nursery() as n:
+                n.start_soon(client.send_all, b"x" * 20_000_000)   # blocks: nobody reads
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    await client.send_all(b"y")
+                n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# ------------------------------------------------------------------------------ configuration errors
+
+def test_configuration_errors_name_the_file(pki, tmp_path):
+    with pytest.raises(TlsConfigError, match="does not match"):
+        server_context(pki["b"].cert, pki["a"].key)
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(TlsConfigError, match="missing.pem"):
+        server_context(missing, pki["b"].key)
+    with pytest.raises(TlsConfigError, match="no \\[\\[domain\\]\\]"):
+        ServerCertificates({})
+    with pytest.raises(ValueError):
+        client_context(min_version="1.1")

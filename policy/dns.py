@@ -288,6 +288,7 @@ class Resolver:
         trust_ad: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_cache_entries: int = MAX_CACHE_ENTRIES,
+        on_lookup: Callable[[str, str, bool], None] | None = None,
     ) -> None:
         if not nameservers:
             raise ValueError("dns.nameservers: at least one nameserver is needed")
@@ -311,10 +312,17 @@ class Resolver:
         self._backend = dns.asyncbackend.get_backend("trio")
         # Lookups that went to the network, by final status (for metrics, DESIGN §6).
         self.stats: collections.Counter[str] = collections.Counter()
+        # Told (rdtype, status, from_cache) of every lookup: the metrics hook.  A callback
+        # rather than an import keeps `policy` free of `proxy`.
+        self._on_lookup = on_lookup
 
     def trusted(self, nameserver: Nameserver) -> bool:
         """Whether this resolver's AD bit is believed."""
         return self._trusted[nameserver]
+
+    def _report(self, answer: Answer, cached: bool) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(answer.rdtype, answer.status.value, cached)
 
     def clear_cache(self) -> None:
         """Forget every cached answer."""
@@ -332,6 +340,7 @@ class Resolver:
         while True:
             cached = self._cached(key)
             if cached is not None:
+                self._report(cached, True)
                 return cached
             flight = self._inflight.get(key)
             if flight is None:
@@ -345,6 +354,7 @@ class Resolver:
         try:
             answer = await self._resolve(qname, qtype)
             self.stats[answer.status.value] += 1
+            self._report(answer, False)
             self._store(key, answer)
             flight.answer = answer
             return answer

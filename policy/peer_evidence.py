@@ -261,6 +261,7 @@ async def gather(
     static_srv: Iterable[Any] = (),
     static_tlsa: Iterable[TlsaRecord | MalformedTlsa] = (),
     rng: random.Random | None = None,
+    inbound: bool = False,
 ) -> PeerEvidence:
     """Collect the DNS evidence for peer domain `domain` (DESIGN §2.1).
 
@@ -268,6 +269,11 @@ async def gather(
     the peer's policy file: they are treated as secure and replace the SRV (both services) or
     TLSA lookups respectively.  `rng` orders equal-priority targets (RFC 2782); inject one for
     reproducible tests.  All lookups of one stage run concurrently.
+
+    A static SRV target is securely delegated by the operator's word: the policy file is the
+    signed statement DNSSEC could not give (DESIGN §2.4).  `inbound=True` (judging a peer that
+    connected to us) skips address lookups for such targets — we will not connect to them,
+    and their addresses would only have decided a delegation the operator already made.
     """
     d = name_text(to_dns_name(domain))
     static_srv = tuple(_static_srv(e) for e in static_srv)
@@ -336,8 +342,9 @@ async def gather(
     async with trio.open_nursery() as nursery:
         wanted: set[tuple[str, str]] = set()
         for r in ordered:
-            wanted.add((r.target, "A"))
-            wanted.add((r.target, "AAAA"))
+            if not (inbound and static_srv):
+                wanted.add((r.target, "A"))
+                wanted.add((r.target, "AAAA"))
             if r.secure and not fallback and not static_tlsa:
                 # RFC 7673 §3.3: TLSA at _PORT._tcp.TARGET.  Asked together with the addresses
                 # to save a round trip; used only if the addresses turn out secure.
@@ -359,13 +366,17 @@ async def gather(
 
     targets: list[SrvTarget] = []
     for r in ordered:
-        a, aaaa = results[(r.target, "A")], results[(r.target, "AAAA")]
-        address_status = weakest(a.status, aaaa.status)
-        statuses: dict[str, DnsStatus] = {a.key: a.status, aaaa.key: aaaa.status}
-        addresses = tuple(rd.to_text() for rd in a.rrset) + tuple(rd.to_text() for rd in aaaa.rrset)
+        statuses: dict[str, DnsStatus] = {}
+        addresses: tuple[str, ...] = ()
+        address_status: DnsStatus | None = None
+        if (r.target, "A") in results:
+            a, aaaa = results[(r.target, "A")], results[(r.target, "AAAA")]
+            address_status = weakest(a.status, aaaa.status)
+            statuses = {a.key: a.status, aaaa.key: aaaa.status}
+            addresses = tuple(rd.to_text() for rd in a.rrset) + tuple(rd.to_text() for rd in aaaa.rrset)
         # RFC 7673 §3.1-3.2: a target is securely delegated only when the SRV answer and the
-        # target's address records are all secure.
-        delegated = r.secure and not fallback and address_status is DnsStatus.SECURE
+        # target's address records are all secure — or the operator listed it (static SRV).
+        delegated = not fallback and r.secure and (bool(static_srv) or address_status is DnsStatus.SECURE)
         tlsa: tuple[TlsaRecord | MalformedTlsa, ...] = ()
         tlsa_status: DnsStatus | None = None
         tlsa_name: str | None = None

@@ -223,8 +223,26 @@ def check_domain_files(config_path: str, name: str, cert_path: str, key_path: st
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    print("xmpp-dane-proxy run: not available yet", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    import trio
+
+    from proxy.reload import StateLoadError
+    from proxy.runner import run_proxy
+    from proxy.socket_activation import SocketActivationError
+
+    try:
+        trio.run(run_proxy, args.config)
+    except StateLoadError as exc:
+        for line in exc.messages:
+            print(line, file=sys.stderr)
+        return EXIT_REJECT
+    except SocketActivationError as exc:
+        print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
+        return EXIT_REJECT
+    except OSError as exc:
+        # Typically EADDRINUSE / EACCES when binding a listen address.
+        print(f"xmpp-dane-proxy run: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_REJECT
+    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:

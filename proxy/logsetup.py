@@ -173,3 +173,9 @@ def log_decision(direction: str, peer: str | tuple | None, domain: str,
         fields.setdefault(k, v)
     fields.update(extra)
     (logger or logging.getLogger(DECISION_LOGGER)).info("decision", extra={"fields": fields})
+
+
+def log_event(logger: logging.Logger, level: int, event: str, *, exc_info: bool = False,
+              **fields: Any) -> None:
+    """One structured line `event=EVENT key=value…` (logfmt or JSON by `log.format`)."""
+    logger.log(level, event, exc_info=exc_info, extra={"fields": {"event": event, **fields}})

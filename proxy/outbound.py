@@ -46,7 +46,7 @@ from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts,
     connect_peer, new_stream_id,
 )
-from proxy.logsetup import format_peer, log_decision, logfmt_value
+from proxy.logsetup import format_peer, log_decision, log_event
 from proxy.xmlstream import (
     DEFAULT_MAX_STANZA_BYTES, NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, Element,
     StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
@@ -449,10 +449,6 @@ class OutboundContext:
                    handshake_timeout=config.limits.handshake_timeout, metrics=metrics)
 
 
-def _log_line(event: str, **fields: object) -> str:
-    return " ".join([f"event={event}"] + [f"{k}={logfmt_value(v)}" for k, v in fields.items()])
-
-
 class OutboundProxy:
     """The handler for connections on `outbound.listen`: `await proxy(stream)` runs one
     backend stream to its end and never raises (a failure is logged and counted).
@@ -506,7 +502,7 @@ class OutboundProxy:
             if scope.cancelled_caught:
                 outcome = await run.goodbye()
         except Exception:
-            log.exception(_log_line("outbound-failed", backend=backend_addr))
+            log_event(log, logging.ERROR, "outbound-failed", backend=backend_addr, exc_info=True)
             outcome = "internal-error"
         finally:
             self._running.discard(scope)
@@ -534,7 +530,7 @@ class _Run:
 
     async def _send(self, out: Output) -> None:
         for note in out.notes:
-            log.warning(_log_line("backend-misconfigured", backend=self.backend_addr, hint=note))
+            log_event(log, logging.WARNING, "backend-misconfigured", backend=self.backend_addr, hint=note)
         if out.to_peer and self.peer is not None:
             async with self._peer_lock:
                 await self.peer.send_all(out.to_peer)
@@ -576,8 +572,8 @@ class _Run:
                 await self._send_quietly(out)
                 if out.close or not data:
                     if out.outcome not in (None, "closed-early"):
-                        log.info(_log_line("refused", direction="outbound", backend=self.backend_addr,
-                                           outcome=out.outcome, reason=_error_text(out.to_backend)))
+                        log_event(log, logging.INFO, "refused", direction="outbound", backend=self.backend_addr,
+                                           outcome=out.outcome, reason=_error_text(out.to_backend))
                     return None
                 if out.opening is not None:
                     return out.opening
@@ -639,8 +635,8 @@ class _Run:
             failure = result["failure"]
             assert isinstance(failure, PeerUnreachable)
             await self._send_quietly(Output(to_backend=self.session.refuse("remote-connection-failed", failure.reason)))
-            log.info(_log_line("peer-unreachable", direction="outbound", backend=self.backend_addr,
-                               domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason))
+            log_event(log, logging.INFO, "peer-unreachable", direction="outbound", backend=self.backend_addr,
+                               domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
             return None
         self.peer = connection.stream
         self.peer_addr = connection.attempt.address or "-"
@@ -715,9 +711,9 @@ class _Run:
     def _log_attempt(self, opening: Opening, attempt: TargetAttempt) -> None:
         target = f"{attempt.target.host}:{attempt.target.port}"
         if attempt.verdict is None:
-            log.info(_log_line("connect-failed", direction="outbound", domain=opening.peer_domain,
+            log_event(log, logging.INFO, "connect-failed", direction="outbound", domain=opening.peer_domain,
                                target=target, mode=attempt.mode, peer=attempt.address or "-",
-                               reason=attempt.reason))
+                               reason=attempt.reason)
             return
         extra = {"target": target, "mode": attempt.mode, "local": opening.local_domain}
         if attempt.tls is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from proxy.config import Config, parse_hostport
-from proxy.logsetup import format_peer
+from proxy.logsetup import format_peer, log_event
 from proxy.inbound import InboundConnection, InboundSettings
 from proxy.tls import ServerCertificates
 from proxy.xmlstream import stream_error, stream_header
@@ -26,7 +26,7 @@ log = logging.getLogger("xmpp_dane_proxy.server")
 
 
 def _log(level: int, event: str, **fields: object) -> None:
-    log.log(level, event, extra={"fields": {"event": event, **fields}})
+    log_event(log, level, event, **fields)
 
 # accept() errors that mean "out of resources right now": keep serving after a pause
 # rather than crash (the same list trio.serve_listeners uses).
@@ -53,14 +53,15 @@ def dns_evidence(resolver) -> EvidenceFor:
     from policy.peer_evidence import gather
 
     async def evidence_for(domain: str, policy) -> object:
-        found = await gather(domain, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa)
+        found = await gather(domain, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa, inbound=True)
         return found.for_inbound()
 
     return evidence_for
 
 
 def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None, resolver=None,
-                     policies=None, trust=None, metrics=None) -> InboundSettings:
+                     policies=None, trust=None, metrics=None,
+                     certificates: ServerCertificates | None = None) -> InboundSettings:
     """Everything inbound connections need, loaded from `config` (raises on bad files).
 
     Pieces already loaded elsewhere (the `policy.dns.Resolver` with its cache, a
@@ -68,7 +69,8 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
     from policy.pkix import TrustStore
     from policy.policyfile import PolicySet
 
-    certificates = ServerCertificates.from_domains(config.domains)
+    if certificates is None:
+        certificates = ServerCertificates.from_domains(config.domains)
     if policies is None:
         policies = PolicySet.load(config.policy.dir or None)
     if trust is None:
@@ -118,7 +120,7 @@ class ProxyServer:
 
     def __init__(self, config: Config, *, evidence_for: EvidenceFor | None = None, resolver=None,
                  policies=None, trust=None, outbound_handler: ConnectionHandler | None = None,
-                 metrics=None) -> None:
+                 metrics=None, settings: InboundSettings | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self._evidence_for = evidence_for
@@ -129,8 +131,8 @@ class ProxyServer:
         self.resolver = resolver
         # May be replaced at any time (e.g. by a reload); each connection keeps the one it
         # started with.
-        self.settings = inbound_settings(config, evidence_for=evidence_for, resolver=resolver,
-                                         policies=policies, trust=trust, metrics=metrics)
+        self.settings = settings or inbound_settings(config, evidence_for=evidence_for, resolver=resolver,
+                                                     policies=policies, trust=trust, metrics=metrics)
         self.outbound_handler = outbound_handler
         self.connections: set[InboundConnection] = set()
         self.active = 0
@@ -158,8 +160,11 @@ class ProxyServer:
             await open_listeners(self.config.inbound.listen)
         outbound: list[trio.SocketListener] = []
         if self.outbound_handler is not None:
-            outbound = list(outbound_listeners) if outbound_listeners is not None else \
-                await open_listeners(self.config.outbound.listen)
+            if outbound_listeners is None:
+                from proxy.outbound import open_outbound_listeners
+
+                outbound_listeners = await open_outbound_listeners(self.config.outbound.listen)
+            outbound = list(outbound_listeners)
         self._listeners = inbound + outbound
         try:
             async with trio.open_nursery() as nursery:

@@ -239,7 +239,7 @@ def test_static_srv_and_tlsa_replace_lookups(dns_env):
     peer = run_gather(resolver, domain, static_srv=[(0, 0, 5299, target + ".")], static_tlsa=static)
     (t,) = peer.targets
     assert (t.host, t.port, t.direct_tls) == (target, 5299, False)
-    assert t.srv_secure and t.delegated  # static SRV counts as secure; addresses are secure
+    assert t.srv_secure and t.delegated  # static SRV: delegated by the operator's policy file
     assert t.tlsa == static and t.tlsa_status is SECURE and t.tlsa_name == "policy"
     out = peer.for_target(t)
     assert out.tlsa == static and out.tlsa_status is SECURE and out.delegated_targets == (target,)
@@ -247,6 +247,25 @@ def test_static_srv_and_tlsa_replace_lookups(dns_env):
         f"SRV _xmpp-server._tcp.{domain} (policy)", f"A {target}", f"AAAA {target}", "TLSA policy",
     }
     assert sum(resolver.stats.values()) == 2  # only A and AAAA went to DNS: no SRV, no TLSA
+
+
+def test_static_srv_is_delegated_by_the_operator_and_inbound_needs_no_addresses(dns_env):
+    """A peer without any DNS we can reach: the policy file's SRV and TLSA are the evidence.
+    Judging an inbound peer needs no address lookup at all (we will not connect to it)."""
+    target = "xmpp.peer.example"
+    cert = self_signed([target]).cert
+    resolver = Resolver([dns_env.blackhole], timeout=0.3)   # nobody answers
+    peer = run_gather(resolver, "peer.example", static_srv=[(0, 0, 5269, target)],
+                      static_tlsa=[record(cert)], inbound=True)
+    (t,) = peer.targets
+    assert t.delegated and t.addresses == () and t.address_status is None
+    out = peer.for_inbound()
+    assert out.tlsa_status is SECURE and out.delegated_targets == (target,)
+    assert not any(s.failed for s in out.statuses.values())
+    assert sum(resolver.stats.values()) == 0
+    # Outbound must connect, so it looks the addresses up, and their failure still counts.
+    peer = run_gather(resolver, "peer.example", static_srv=[(0, 0, 5269, target)], static_tlsa=[record(cert)])
+    assert peer.targets[0].address_status is TIMEOUT
 
 
 def test_static_tlsa_with_dns_srv(dns_env):

@@ -1,0 +1,129 @@
+"""`xmpp-dane-proxy run`: the long-running process (DESIGN §5, §6).
+
+Order of start-up: read every file (config, policies, trust store, certificates) — any
+problem is fatal and reported as `file:line: message`; configure logging; take the listening
+sockets from systemd (LISTEN_FDS) or bind them; serve inbound, outbound and metrics; tell
+systemd READY=1.  SIGHUP reloads everything atomically (a broken file keeps the old state and
+logs where the problem is); SIGTERM/SIGINT stop accepting, end every stream with
+`system-shutdown` after relaying what was already received, and return.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from policy.dns import Resolver
+from proxy.logsetup import configure_logging, log_event
+from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
+from proxy.outbound import OutboundContext, OutboundProxy, open_outbound_listeners
+from proxy.reload import RuntimeState, StateHolder, reload_on_sighup
+from proxy.sdnotify import Notifier
+from proxy.inbound import InboundSettings
+from proxy.server import ProxyServer, inbound_settings, open_listeners
+from proxy.socket_activation import listen_fds
+
+log = logging.getLogger("xmpp_dane_proxy.run")
+
+# How long SIGTERM waits for streams to say system-shutdown and flush before giving up: well
+# inside systemd's default TimeoutStopSec of 90 s, and longer than one slow peer's TCP flush.
+DRAIN_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """What one configuration load gives the two directions; swapped as a whole on reload."""
+
+    inbound: InboundSettings
+    outbound: OutboundContext
+
+
+def build_handlers(state: RuntimeState, *, resolver: Resolver, metrics: Metrics) -> Handlers:
+    """Inbound settings and the outbound context from one consistent `RuntimeState`.
+
+    Raises on any bad file; the StateHolder then keeps the previous state.
+    """
+    return Handlers(
+        inbound=inbound_settings(state.config, resolver=resolver, policies=state.policies,
+                                 trust=state.trust, metrics=metrics),
+        outbound=OutboundContext.from_config(state.config, resolver=resolver, metrics=metrics,
+                                             policies=state.policies, trust=state.trust),
+    )
+
+
+async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run until SIGTERM/SIGINT (or cancellation).  Raises StateLoadError on bad files at start."""
+    notifier = notifier or Notifier()
+    metrics = Metrics()
+    resolvers: list[Resolver] = []
+
+    def build(state: RuntimeState) -> Handlers:
+        # One resolver for the process lifetime, so its cache survives reloads; a reload
+        # that changes dns.* takes effect at the next restart (reported as a warning).
+        if not resolvers:
+            dns = state.config.dns
+            resolvers.append(Resolver(dns.nameservers, dns.trust_ad_from, dns.timeout,
+                                      on_lookup=lambda rdtype, status, cached:
+                                      metrics.dns_lookup(rdtype, status, cached=cached)))
+        return build_handlers(state, resolver=resolvers[0], metrics=metrics)
+
+    holder = StateHolder(config_path, build_tls=build, metrics=metrics)
+    cfg = holder.state.config
+    configure_logging(cfg.log.level, cfg.log.format)
+    for warning in holder.state.warnings:
+        log.warning(warning)
+
+    sockets = listen_fds()
+    wrap = lambda role: [trio.SocketListener(s) for s in sockets.get(role, [])]  # noqa: E731
+    inbound = wrap("inbound") or await open_listeners(cfg.inbound.listen)
+    outbound = wrap("outbound") or await open_outbound_listeners(cfg.outbound.listen)
+    metrics_listeners = wrap("metrics") or await open_metrics_listeners(cfg.metrics.listen)
+
+    handlers: Handlers = holder.state.tls
+    outbound_proxy = OutboundProxy(context=handlers.outbound)
+    server = ProxyServer(cfg, resolver=resolvers[0], metrics=metrics, settings=handlers.inbound,
+                         outbound_handler=outbound_proxy if outbound else None)
+
+    def swap(old: RuntimeState, new: RuntimeState) -> None:
+        # Streams already running keep the settings they started with; new ones get these.
+        server.settings, server.config = new.tls.inbound, new.config
+        outbound_proxy.context = new.tls.outbound
+        configure_logging(new.config.log.level, new.config.log.format)
+
+    holder.subscribe(swap)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound))
+        if metrics_listeners:
+            await nursery.start(serve_metrics, metrics, metrics_listeners)
+        await nursery.start(partial(reload_on_sighup, holder, notifier=notifier))
+        nursery.start_soon(notifier.watchdog_task)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
+            notifier.ready(f"serving {len(cfg.domains)} domains")
+            log_event(log, logging.INFO, "ready", inbound=_addresses(inbound), outbound=_addresses(outbound))
+            task_status.started(server)
+            async for signum in stop_signals:
+                log_event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name)
+                break
+        notifier.stopping()
+        with trio.move_on_after(DRAIN_SECONDS) as drain:
+            outbound_proxy.shutdown()
+            await server.shutdown()
+        if drain.cancelled_caught:
+            log_event(log, logging.WARNING, "drain-timeout",
+                      reason=f"streams still open after {DRAIN_SECONDS:.0f}s; closing them")
+        nursery.cancel_scope.cancel()
+
+
+def _addresses(listeners) -> str:
+    return ",".join(_fmt(listener.socket.getsockname()) for listener in listeners) or "-"
+
+
+def _fmt(sockname) -> str:
+    host, port = sockname[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,7 +17,8 @@ from policy.pkix_names import normalise_domain
 from policy.tlsa import TlsaRecord, TlsaSyntaxError, parse_tlsa
 from policy.tomlfile import TomlDocument, TomlFileError
 
-REQUIRE_MODES = ("dane", "dane-or-pkix", "pkix", "tls", "block")
+REQUIRE_MODES = ("dane", "dane-or-pkix", "pkix", "posh", "tls", "block")
+TRANSPORTS = ("tcp", "websocket")
 DANE_USE_NAMES = {"PKIX-TA": tlsa.PKIX_TA, "PKIX-EE": tlsa.PKIX_EE,
                   "DANE-TA": tlsa.DANE_TA, "DANE-EE": tlsa.DANE_EE}
 TLS_VERSIONS = ("1.2", "1.3")
@@ -27,7 +28,7 @@ DEFAULT_REQUIRE = "dane-or-pkix"
 DEFAULT_DANE_USES = frozenset({tlsa.DANE_TA, tlsa.DANE_EE})
 # TLS 1.2 is the floor RFC 7590 §3.1 / RFC 9325 §3.1.1 set for XMPP.
 DEFAULT_TLS_MIN = "1.2"
-_KNOWN_KEYS = ("require", "dane_uses", "tls_min_version", "tlsa", "srv")
+_KNOWN_KEYS = ("require", "dane_uses", "tls_min_version", "tlsa", "srv", "posh", "transports")
 
 
 class PolicyError(TomlFileError):
@@ -56,6 +57,11 @@ class Policy:
     tls_min_version: str = DEFAULT_TLS_MIN
     tlsa: tuple[TlsaRecord, ...] = ()
     srv: tuple[SrvRecord, ...] = ()
+    # RFC 7711 POSH: a match counts wherever PKIX would (`require = "posh"` demands one).
+    # Off by default: it trusts the peer's HTTPS host, which PKIX already has to trust.
+    posh: bool = False
+    # How outbound streams may reach the peer; XEP-0468 WebSocket only when listed.
+    transports: tuple[str, ...] = ("tcp",)
     source: str = "built-in default"
 
 
@@ -113,6 +119,17 @@ def parse_policy_document(doc: TomlDocument) -> Policy:
             bad("tls_min_version", f"{data['tls_min_version']!r} is not one of {', '.join(TLS_VERSIONS)}")
         else:
             kwargs["tls_min_version"] = data["tls_min_version"]
+    if "posh" in data:
+        if not isinstance(data["posh"], bool):
+            bad("posh", "must be true or false")
+        else:
+            kwargs["posh"] = data["posh"]
+    if "transports" in data:
+        value = data["transports"]
+        if not isinstance(value, list) or not value or any(v not in TRANSPORTS for v in value):
+            bad("transports", f"must be a non-empty list of {', '.join(map(repr, TRANSPORTS))}")
+        else:
+            kwargs["transports"] = tuple(dict.fromkeys(value))
     for key, parse in (("tlsa", _parse_static_tlsa), ("srv", _parse_srv)):
         if key not in data:
             continue

@@ -48,6 +48,8 @@ class InboundConfig:
     listen: list[str] = field(default_factory=lambda: ["[::]:5269"])
     backend: str = "127.0.0.1:5270"
     proxy_protocol: bool = False
+    # XEP-0468 WebSocket S2S (wss only); empty = off, as most deployments need no HTTP path in.
+    websocket_listen: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "inbound": (InboundConfig, {"listen": _list_of(_listen), "backend": _backend,
-                                "proxy_protocol": _bool}),
+                                "proxy_protocol": _bool, "websocket_listen": _list_of(_listen)}),
     "outbound": (OutboundConfig, {"listen": _list_of(_listen)}),
     "dns": (DnsConfig, {"nameservers": _list_of(_nameserver), "trust_ad_from": _list_of(_str),
                         "timeout": _positive_number}),

@@ -573,7 +573,7 @@ class _Run:
                 if out.close or not data:
                     if out.outcome not in (None, "closed-early"):
                         log_event(log, logging.INFO, "refused", direction="outbound", backend=self.backend_addr,
-                                           outcome=out.outcome, reason=_error_text(out.to_backend))
+                                  outcome=out.outcome, reason=_error_text(out.to_backend))
                     return None
                 if out.opening is not None:
                     return out.opening
@@ -636,7 +636,7 @@ class _Run:
             assert isinstance(failure, PeerUnreachable)
             await self._send_quietly(Output(to_backend=self.session.refuse("remote-connection-failed", failure.reason)))
             log_event(log, logging.INFO, "peer-unreachable", direction="outbound", backend=self.backend_addr,
-                               domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
+                      domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
             return None
         self.peer = connection.stream
         self.peer_addr = connection.attempt.address or "-"
@@ -712,8 +712,8 @@ class _Run:
         target = f"{attempt.target.host}:{attempt.target.port}"
         if attempt.verdict is None:
             log_event(log, logging.INFO, "connect-failed", direction="outbound", domain=opening.peer_domain,
-                               target=target, mode=attempt.mode, peer=attempt.address or "-",
-                               reason=attempt.reason)
+                      target=target, mode=attempt.mode, peer=attempt.address or "-",
+                      reason=attempt.reason)
             return
         extra = {"target": target, "mode": attempt.mode, "local": opening.local_domain}
         if attempt.tls is not None:

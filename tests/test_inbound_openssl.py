@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from pki import TestCA, self_signed
+from policy.tlsa import record_for
 from policy.evidence import DnsStatus, Evidence
 from proxy.logsetup import LogfmtFormatter
 from proxy.config import (
@@ -42,11 +43,7 @@ PEER = "a.example"        # the remote server
 
 
 def tlsa_311(cert) -> str:
-    from cryptography.hazmat.primitives import hashes, serialization
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(spki)
-    return f"3 1 1 {digest.finalize().hex()}"
+    return str(record_for(cert))
 
 
 async def static_evidence(domain: str, policy) -> Evidence:

@@ -526,7 +526,11 @@ class InboundSession:
             self._on_stanza(el)
             return
         if el.ns == NS_STREAMS and el.name == "error":
-            self._out.append(SendToBackend(el.raw))
+            # DESIGN §3.1: the header is all a backend sees of a peer no domain was accepted
+            # for — not even its parting error (e.g. Prosody's not-authorized after a
+            # dialback error); the backend just sees the stream end.
+            if self.authenticated:
+                self._out.append(SendToBackend(el.raw))
             return
         if not self.authenticated:
             # RFC 6120 §4.9.3.12: data before the stream is authenticated.

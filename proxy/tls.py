@@ -73,6 +73,12 @@ def _base_context(min_version: str) -> SSL.Context:
 
 
 def _load_identity(ctx: SSL.Context, cert_file: str | Path, key_file: str | Path) -> None:
+    # OpenSSL's own error for a missing or unreadable file is "; system lib": say it plainly.
+    for path in (cert_file, key_file):
+        try:
+            Path(path).open("rb").close()
+        except OSError as exc:
+            raise TlsConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         ctx.use_certificate_chain_file(str(cert_file))
     except SSL.Error as exc:

@@ -8,6 +8,7 @@ as service-identity does not know it.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ SRV_SERVICES = ("xmpp-server", "xmpps-server")
 _DER_UTF8STRING, _DER_IA5STRING = 0x0C, 0x16
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_domain(domain: str) -> str:
     """IDNA A-label, lower case, no trailing dot (DESIGN §2.1)."""
     domain = domain.strip().rstrip(".")

@@ -13,7 +13,7 @@ class Verdict:
     the DNS status of each piece of evidence, and a one-line reason for a person."""
 
     verdict: str                       # "accept" | "reject"
-    prooftype: str | None              # dane-ee, dane-ta, pkix-ee, pkix-ta, pkix, tls
+    prooftype: str | None              # dane-ee, dane-ta, pkix-ee, pkix-ta, pkix, posh, tls
     matched: TlsaRecord | None
     identity: str | None               # the presented identifier that matched, "DNS:x"
     reason: str

@@ -6,6 +6,8 @@ TLSA, each with its DNSSEC status), then for *every* target — not just until o
 accepted — connects, negotiates STARTTLS or Direct TLS, shows the chain the server presented
 and the verdict of DOMAIN's policy on it, with the reason.  The connection code is the
 proxy's own (`proxy.connect.attempt_target`), so a verdict here is the proxy's verdict.
+DOMAIN's POSH document (RFC 7711) is fetched and shown too, with whether each target's
+certificate matches it; the verdicts use it only where the policy does (`posh`, `require`).
 
 Settings: `-c FILE` gives the resolver (`[dns]`), the policy directory and trust store
 (`[policy]`), the per-target timeout (`limits.handshake_timeout`) and the client certificate
@@ -33,9 +35,12 @@ from policy.peer_evidence import PeerEvidence, SrvTarget, gather
 from policy.pkix import TrustStore, TrustStoreError
 from policy.pkix_names import normalise_domain, presented_ids
 from policy.policyfile import DANE_USE_NAMES, Policy, PolicyError, PolicySet
+from policy.posh import PoshResult, posh_url
 from policy.verdict import Verdict, reject
 from proxy.config import Config, ConfigError, load_config
 from proxy.connect import TargetAttempt, TlsContexts, attempt_target
+from proxy.posh_fetch import PoshFetcher, shared_fetcher
+from proxy.websocket_outbound import attempt_websocket, discoverer_for
 from proxy.tls import TlsConfigError
 
 __all__ = ["CHECK_TIMEOUT", "EXIT_ACCEPT", "EXIT_BAD_INPUT", "EXIT_REJECT", "CheckResult", "run_check"]
@@ -62,6 +67,8 @@ class CheckResult:
         self.evidence: PeerEvidence | None = None
         self.domain_verdict: Verdict | None = None    # refused before any target (SRV bogus, no service)
         self.attempts: list[TargetAttempt] = []
+        self.posh: PoshResult | None = None           # DOMAIN's POSH document (RFC 7711), always fetched
+        self.websocket = None                         # proxy.websocket_outbound.Discovery (XEP-0156/0468)
 
     @property
     def accepted(self) -> bool:
@@ -88,7 +95,11 @@ class CheckResult:
                     "records": [str(r) for r in ev.domain_tlsa]},
             },
             "domain_verdict": self.domain_verdict.as_json_obj() if self.domain_verdict else None,
-            "targets": [_attempt_obj(a) for a in self.attempts],
+            "posh": _posh_obj(self.posh, self.policy),
+            "websocket": None if self.websocket is None else {
+                "used": "websocket" in self.policy.transports, "endpoints": list(self.websocket.urls),
+                "source": self.websocket.source, "reason": self.websocket.reason or None},
+            "targets": [{**_attempt_obj(a), "posh_match": _posh_match(self.posh, a)} for a in self.attempts],
         }
 
     # -- text -------------------------------------------------------------------------------
@@ -98,7 +109,7 @@ class CheckResult:
         p = self.policy
         lines.append(f"check {self.domain}")
         lines.append(f"  policy    require={p.require} dane_uses={_uses(p)} tls_min_version={p.tls_min_version}"
-                     f"  ({p.source})")
+                     + (" posh=true" if p.posh else "") + f"  ({p.source})")
         lines.append("  resolver  " + ", ".join(
             f"{ns} ({'AD trusted' if self.resolver.trusted(ns) else 'AD NOT trusted: nothing can be secure'})"
             for ns in self.resolver.nameservers))
@@ -117,12 +128,20 @@ class CheckResult:
             if not ev.targets and ev.domain_tlsa_status is not None:
                 lines.append(f"  TLSA {ev.domain_tlsa_name} [{ev.domain_tlsa_status}]: "
                              + (", ".join(_short(r) for r in ev.domain_tlsa) or "none"))
+        if self.posh is not None:
+            lines.append("")
+            lines += _render_posh(self.posh, self.policy)
+        if self.websocket is not None:
+            lines.append("")
+            lines.append("WebSocket (XEP-0468): " + ("used, transports = " + ", ".join(p.transports)
+                         if "websocket" in p.transports else "not used (policy transports = tcp)"))
+            lines += [f"  {url}" for url in self.websocket.urls] or [f"  no endpoint: {self.websocket.reason}"]
         if self.domain_verdict is not None:
             lines.append("")
             lines.append(f"REJECTED before any target: {self.domain_verdict.reason}")
         for n, a in enumerate(self.attempts, 1):
             lines.append("")
-            lines += _render_attempt(n, a)
+            lines += _render_attempt(n, a, self.posh)
         if self.attempts:
             lines.append("")
             lines.append("Summary")
@@ -141,6 +160,39 @@ class CheckResult:
         else:
             lines.append(f"RESULT: reject — {good} of {total} target(s) of {self.domain} accepted")
         return "\n".join(lines)
+
+
+def _posh_use(p: Policy) -> str:
+    if p.require == "posh":
+        return 'required (require = "posh")'
+    if p.posh and p.require in ("pkix", "dane-or-pkix"):
+        return "counts where PKIX would (posh = true)"
+    return "not used by this policy"
+
+
+def _posh_obj(posh: PoshResult | None, p: Policy) -> dict[str, Any] | None:
+    if posh is None:
+        return None
+    return {"use": _posh_use(p), "url": posh.url, "via": posh.via, "status": str(posh.status),
+            "reason": posh.reason, "fingerprints": [str(f) for f in posh.fingerprints],
+            "cache_seconds": posh.cache_seconds, "notes": list(posh.notes)}
+
+
+def _posh_match(posh: PoshResult | None, a: TargetAttempt) -> str | None:
+    """The fingerprint the target's leaf matches, "none", or None (no POSH document / no chain)."""
+    if posh is None or not posh.ok or not a.chain:
+        return None
+    match = posh.match(a.chain[0])
+    return str(match) if match else "none"
+
+
+def _render_posh(posh: PoshResult, p: Policy) -> list[str]:
+    lines = [f"POSH (RFC 7711): {_posh_use(p)}",
+             f"  {posh_url(posh.domain)}" + (f" -> {posh.url}" if posh.via else ""),
+             f"  {posh.describe()}"]
+    lines += [f"  fingerprint {f}" for f in posh.fingerprints]
+    lines += [f"  note: {n}" for n in posh.notes]
+    return lines
 
 
 def _uses(p: Policy) -> str:
@@ -201,7 +253,7 @@ def _attempt_obj(a: TargetAttempt) -> dict[str, Any]:
     }
 
 
-def _render_attempt(n: int, a: TargetAttempt) -> list[str]:
+def _render_attempt(n: int, a: TargetAttempt, posh: PoshResult | None = None) -> list[str]:
     t = a.target
     notes = [f"priority {t.priority} weight {t.weight}"]
     if t.fallback:
@@ -230,6 +282,9 @@ def _render_attempt(n: int, a: TargetAttempt) -> list[str]:
         row("chain" if i == 0 else "", f"[{i}] {cert.subject.rfc4514_string()}")
         row("", f"    SAN: {presented_ids(cert).describe()}; issuer {cert.issuer.rfc4514_string()}; "
                 f"until {cert.not_valid_after_utc:%Y-%m-%d}")
+    match = _posh_match(posh, a)
+    if match is not None:
+        row("POSH", f"leaf matches {match}" if match != "none" else "leaf matches no POSH fingerprint")
     if a.verdict is not None:
         v = a.verdict
         extra = []
@@ -288,13 +343,20 @@ def _settings(config: str | Path | Config | None, nameserver: str | None):
 
 async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, trust: TrustStore | None,
                        contexts: TlsContexts, client: str | None, timeout: float = CHECK_TIMEOUT,
-                       **attempt_kwargs: Any) -> CheckResult:
-    """Gather DOMAIN's evidence and try every target; the result, unprinted."""
+                       posh: PoshFetcher | None = None, **attempt_kwargs: Any) -> CheckResult:
+    """Gather DOMAIN's evidence and try every target; the result, unprinted.
+
+    DOMAIN's POSH document is fetched whatever the policy says (a diagnosis shows it; the
+    verdicts use it only where the policy does).  `posh`: the fetcher (default: the shared one
+    for `resolver`)."""
     d = normalise_domain(domain)
     policy = policies.for_domain(d)
     result = CheckResult(d, policy, resolver, client)
+    fetcher = posh if posh is not None else shared_fetcher(resolver)
     peer = await gather(d, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa)
     result.evidence = peer
+    result.posh = await fetcher.fetch(d, trust=trust)
+    result.websocket = await discoverer_for(resolver).discover(d, trust=trust)
     if peer.failed:
         result.domain_verdict = decide([], Evidence(domain=d, statuses=dict(peer.srv_statuses)), policy, trust=trust)
         return result
@@ -307,13 +369,20 @@ async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, 
     for target in peer.targets:
         attempt, _ = await attempt_target(peer, target, policy=policy, trust=trust, contexts=contexts,
                                           local_domain=client, timeout=timeout, connect_anyway=True,
-                                          **attempt_kwargs)
+                                          posh=fetcher, **attempt_kwargs)
         result.attempts.append(attempt)
+    if "websocket" in policy.transports:
+        for url in result.websocket.urls:
+            attempt, _ = await attempt_websocket(peer, url, policy=policy, trust=trust, contexts=contexts,
+                                                 local_domain=client, resolver=resolver, timeout=timeout,
+                                                 keep_open=False, overrides=discoverer_for(resolver).overrides)
+            result.attempts.append(attempt)
     return result
 
 
 async def run_check(domain: str, *, config: str | Path | Config | None = None, nameserver: str | None = None,
-                    as_json: bool = False, out: TextIO = sys.stdout, err: TextIO | None = None) -> int:
+                    as_json: bool = False, out: TextIO = sys.stdout, err: TextIO | None = None,
+                    posh: PoshFetcher | None = None) -> int:
     """The `check` command: print the findings for DOMAIN; return the exit status (§5)."""
     err = err if err is not None else sys.stderr
     d = normalise_domain(domain)
@@ -325,7 +394,9 @@ async def run_check(domain: str, *, config: str | Path | Config | None = None, n
     except _BadInput as exc:
         print(f"xmpp-dane-proxy check: error: {exc}", file=err)
         return EXIT_BAD_INPUT
-    kwargs = {"max_stanza_bytes": max_bytes} if max_bytes else {}
+    kwargs: dict[str, Any] = {"max_stanza_bytes": max_bytes} if max_bytes else {}
+    if posh is not None:
+        kwargs["posh"] = posh
     try:
         result = await check_domain(d, resolver=resolver, policies=policies, trust=trust, contexts=contexts,
                                     client=client, timeout=timeout, **kwargs)

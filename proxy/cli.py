@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dane-uses", default=None, help="comma list, e.g. DANE-EE,DANE-TA")
     v.add_argument("--ca-file", default=None, help="PKIX trust anchors (default: system store)")
     v.add_argument("--at", default=None, help="validation time, ISO-8601")
+    v.add_argument("--posh", action="store_true", help="a POSH match counts where PKIX would (policy posh = true)")
+    v.add_argument("--posh-file", default=None,
+                   help="D's POSH document (RFC 7711 JSON, as served at /.well-known/posh/xmpp-server.json)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
     t = sub.add_parser("tlsa", help="print the TLSA record for a certificate")
@@ -93,6 +96,23 @@ def read_chain(path: str) -> list[x509.Certificate]:
         return certfiles.read_chain(path)
     except certfiles.CertFileError as exc:
         raise BadInput(str(exc)) from None
+
+
+def read_posh_file(path: str, domain: str):
+    """`verify --posh-file`: a POSH document read from disk stands for a successful fetch."""
+    from policy.posh import PoshError, PoshResult, PoshStatus, cache_seconds, parse_document
+
+    try:
+        with open(path, "rb") as f:
+            doc = parse_document(f.read())
+    except OSError as exc:
+        raise BadInput(f"--posh-file {path}: {exc.strerror}") from None
+    except PoshError as exc:
+        raise BadInput(f"--posh-file {path}: {exc}") from None
+    if doc.reference is not None:
+        raise BadInput(f"--posh-file {path}: a reference to {doc.reference.url}; give the referenced document")
+    return PoshResult(domain, PoshStatus.OK, descriptors=doc.descriptors, url=path, notes=doc.notes,
+                      cache_seconds=cache_seconds(doc.expires))
 
 
 def parse_time(text: str) -> _dt.datetime:
@@ -138,8 +158,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         tlsa_status=DnsStatus(args.dnssec),
         delegated_targets=tuple(normalise_domain(t) for t in args.srv_target),
     )
-    policy = Policy(require=args.require, dane_uses=uses, source="command line")
-    verdict = decide(chain, evidence, policy, trust=trust, now=now)
+    policy = Policy(require=args.require, dane_uses=uses, posh=args.posh, source="command line")
+    posh = read_posh_file(args.posh_file, domain) if args.posh_file else None
+    verdict = decide(chain, evidence, policy, trust=trust, now=now, posh=posh)
     if args.json:
         print(verdict.to_json())
     else:

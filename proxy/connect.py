@@ -39,7 +39,9 @@ from policy.peer_evidence import PeerEvidence, SrvTarget, gather
 from policy.pkix import TrustStore
 from policy.pkix_names import normalise_domain
 from policy.policyfile import Policy
+from policy.posh import PoshResult
 from policy.verdict import Verdict, reject
+from proxy.posh_fetch import PoshFetcher, decide_with_posh, shared_fetcher
 from proxy.tls import ALPN_XMPP_SERVER, TlsError, TlsInfo, TlsStream, client_context, describe_openssl_error
 from proxy.xmlstream import (
     NS_STREAM_ERRORS, NS_STREAMS, NS_TLS, DEFAULT_MAX_STANZA_BYTES, Element, StreamClosed,
@@ -268,6 +270,7 @@ class TargetAttempt:
     verdict: Verdict | None = None
     error: str | None = None                # connection/negotiation failure (no verdict)
     seconds: float = 0.0
+    posh: PoshResult | None = None          # the POSH result the verdict used (RFC 7711), if fetched
 
     @property
     def mode(self) -> str:
@@ -317,6 +320,7 @@ async def attempt_target(
     connect_anyway: bool = False,
     happy_eyeballs_delay: float = HAPPY_EYEBALLS_DELAY,
     now: _dt.datetime | None = None,
+    posh: PoshFetcher | None = None,
 ) -> tuple[TargetAttempt, TlsStream | None]:
     """Connect to `target`, get TLS up, and decide on the chain with `policy`.
 
@@ -324,7 +328,8 @@ async def attempt_target(
     right after the handshake: nothing but our own pre-TLS header and `<starttls/>` has been
     sent).  A rejected stream is closed before returning; nothing is sent on it.  Evidence
     that rejects whatever the peer presents is decided without connecting, unless
-    `connect_anyway` (for `check`, which shows the chain regardless).
+    `connect_anyway` (for `check`, which shows the chain regardless).  `posh` fetches the
+    peer domain's POSH document when the policy uses POSH and the verdict depends on it.
     """
     started = time.monotonic()
     attempt = TargetAttempt(target=target, domain=peer.domain)
@@ -372,7 +377,8 @@ async def attempt_target(
         attempt.error = f"{stage} failed: {describe_openssl_error(exc)}"
 
     if attempt.error is None:
-        attempt.verdict = decide(list(attempt.chain), evidence, policy, trust=trust, now=now)
+        attempt.verdict, attempt.posh = await decide_with_posh(
+            list(attempt.chain), evidence, policy, trust=trust, fetcher=posh, now=now)
     if doomed:
         keep_open = False   # decided before connecting; the connection was only to look
     attempt.seconds = time.monotonic() - started
@@ -454,12 +460,14 @@ async def connect_peer(
     on_attempt: Callable[[TargetAttempt], None] | None = None,
     on_domain_verdict: Callable[[Verdict], None] | None = None,
     happy_eyeballs_delay: float = HAPPY_EYEBALLS_DELAY,
+    posh: PoshFetcher | None = None,
 ) -> PeerConnection:
     """Resolve `domain` (§2.1, with the policy's static SRV/TLSA), try its targets in order
     (§3.2: failure or rejection → next target), return the first accepted one.
 
     `on_attempt` is called after every target (to log the decision); `on_domain_verdict`
-    when the domain is refused before any target is tried.  Raises PeerUnreachable.
+    when the domain is refused before any target is tried.  `posh` is the POSH fetcher
+    (default: the one shared with everything else using `resolver`).  Raises PeerUnreachable.
     """
     d = normalise_domain(domain)
 
@@ -490,6 +498,7 @@ async def connect_peer(
             peer, target, policy=policy, trust=trust, contexts=contexts, local_domain=local_domain,
             timeout=timeout, max_stanza_bytes=max_stanza_bytes, keep_open=True,
             happy_eyeballs_delay=happy_eyeballs_delay,
+            posh=posh if posh is not None else shared_fetcher(resolver),
         )
         attempts.append(attempt)
         if on_attempt is not None:

@@ -41,6 +41,7 @@ import trio
 from policy.pkix_names import normalise_domain
 from proxy.config import parse_hostport
 from proxy.logsetup import format_peer, log_decision
+from proxy.streamerrors import StreamError
 from proxy.tls import ServerCertificates, TlsError, TlsInfo, TlsStream
 from proxy.xmlstream import (
     NS_DIALBACK, NS_SERVER, NS_STANZA_ERRORS, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES,
@@ -320,6 +321,25 @@ class InboundSession:
         # RFC 6120 §5.4.3.3: after TLS both sides restart with fresh parsers and headers.
         self._peer_parser = XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes)
         self._header_sent = False
+        return self._drain()
+
+    def transport_secured(self, info: TlsInfo) -> list[Action]:
+        """The transport was TLS before the first XMPP byte and has no STARTTLS of its own
+        (XEP-0468: WebSocket over wss, the client certificate presented there).  The session
+        starts where `tls_established` leaves a STARTTLS stream: waiting for the one stream
+        header, with the peer's chain known.  Call before any `peer_data`."""
+        if self.state != "start":
+            return []
+        self.state, self.direct_tls = "tls", True
+        return self.tls_established(info)
+
+    def peer_error(self, condition: str, text: str) -> list[Action]:
+        """The transport found the peer's framing broken (for WebSocket, RFC 7395 §3.3.3: a
+        message that is not one complete element): the stream error bad XML in a TCP stream
+        gets, after the events already queued."""
+        if self.closed:
+            return []
+        self._queue.append(XmlError(condition, text))
         return self._drain()
 
     def tls_failed(self, reason: str, *, peer_spoke_tls: bool = True) -> list[Action]:
@@ -693,10 +713,17 @@ class InboundSettings:
     handshake_timeout: float = 30.0
     proxy_protocol: bool = False
     metrics: object | None = None              # proxy.metrics.Metrics (duck-typed, optional)
+    # For `inbound.websocket_listen` (proxy.websocket): the same identities, ALPN http/1.1.
+    websocket_certificates: ServerCertificates | None = None
+    # proxy.posh_fetch.PoshFetcher for policies using POSH (RFC 7711); by default the one
+    # `proxy.server.dns_evidence` attached to its evidence function (same resolver, same cache).
+    posh: object | None = None
 
     def __post_init__(self) -> None:
         if not self.local_domains:
             self.local_domains = frozenset(self.certificates.names)
+        if self.posh is None:
+            self.posh = getattr(self.evidence_for, "posh", None)
 
 
 def _log(level: int, event: str, **fields: object) -> None:
@@ -809,6 +836,9 @@ class InboundConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.peer_eof(str(exc)))
                 return
+            except StreamError as exc:   # a framing transport (proxy.websocket) judged the peer
+                await self._perform(self.session.peer_error(exc.condition, exc.text))
+                continue
             if self.metrics is not None and data and self.session.negotiated:
                 self.metrics.relayed("inbound", "peer", len(data))
             await self._perform(self.session.peer_data(data) if data else self.session.peer_eof())
@@ -929,8 +959,8 @@ class InboundConnection:
 
     async def _evaluate(self, domain: str):
         """The verdict for `domain` asserted by this peer; never raises (fails closed)."""
-        from policy.decide import decide
         from policy.verdict import reject
+        from proxy.posh_fetch import decide_with_posh
 
         tls = self.session.tls
         try:
@@ -947,7 +977,9 @@ class InboundConnection:
                           policy_source=policy.source)
         chain = list(tls.chain) if tls is not None else []
         try:
-            return decide(chain, evidence, policy, trust=self.settings.trust)
+            verdict, _posh = await decide_with_posh(chain, evidence, policy, trust=self.settings.trust,
+                                                    fetcher=self.settings.posh)
+            return verdict
         except Exception as exc:
             log.exception("decide() failed for %s", domain)
             return reject(f"internal error while deciding: {type(exc).__name__}: {exc}", policy_source=policy.source)

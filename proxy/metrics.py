@@ -47,10 +47,10 @@ CONNECTION_OUTCOMES = (
     "internal-error",      # a bug: an exception escaped the connection handler
 )
 VERDICTS = ("accept", "reject")
-PROOFTYPES = ("dane-ee", "dane-ta", "pkix-ee", "pkix-ta", "pkix", "tls", "-")
+PROOFTYPES = ("dane-ee", "dane-ta", "pkix-ee", "pkix-ta", "pkix", "posh", "tls", "-")
 REASON_CATEGORIES = (
     "accepted", "blocked", "dnssec-bogus", "dns-timeout", "dane-mismatch", "no-tlsa",
-    "pkix-invalid", "name-mismatch", "no-certificate", "other",
+    "pkix-invalid", "name-mismatch", "no-certificate", "posh-failed", "other",
 )
 DNS_RRTYPES = ("SRV", "TLSA", "A", "AAAA", "CNAME", "other")
 DNS_STATUSES = ("secure", "insecure", "bogus", "timeout")
@@ -105,6 +105,8 @@ def reason_category(verdict) -> str:
         return "name-mismatch"
     if reason.startswith("PKIX: chain does not verify") or reason.startswith("no PKIX trust store"):
         return "pkix-invalid"
+    if reason.startswith("POSH:"):   # require = "posh" (with `posh = true` PKIX's reason comes first)
+        return "posh-failed"
     return "other"
 
 

@@ -43,10 +43,11 @@ from policy.policyfile import PolicySet
 from policy.verdict import Verdict
 from proxy.config import Config, parse_hostport
 from proxy.connect import (
-    DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts,
-    connect_peer, new_stream_id,
+    DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
 from proxy.logsetup import format_peer, log_decision, log_event
+from proxy.streamerrors import StreamError
+from proxy.websocket_outbound import connect_with_transports
 from proxy.xmlstream import (
     DEFAULT_MAX_STANZA_BYTES, NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, Element,
     StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
@@ -378,6 +379,14 @@ class OutboundSession:
             out.to_backend += self._backend_error("remote-connection-failed", text)
             self.backend_closed = True
 
+    def peer_error(self, condition: str, text: str) -> Output:
+        """The transport found the peer's framing broken (WebSocket: RFC 7395 §3.3.3): what
+        bad XML from the peer gets."""
+        out = Output()
+        if self.state == "relaying":
+            self._peer_event(XmlError(condition, text), out)
+        return out
+
     def peer_eof(self) -> Output:
         """The peer closed the TCP connection (or TLS ended)."""
         out = Output()
@@ -612,7 +621,8 @@ class _Run:
 
             async def find_peer() -> None:
                 try:
-                    result["connection"] = await connect_peer(
+                    # policy.transports: TCP (connect_peer), or XEP-0468 WebSocket too.
+                    result["connection"] = await connect_with_transports(
                         opening.peer_domain, resolver=ctx.resolver, policy=policy, trust=ctx.trust,
                         contexts=ctx.contexts, local_domain=opening.local_domain,
                         timeout=ctx.handshake_timeout, max_stanza_bytes=ctx.max_stanza_bytes,
@@ -666,9 +676,11 @@ class _Run:
                 while True:
                     try:
                         data = await source.receive_some(_RECEIVE_SIZE)
+                        out = feed(data) if data else eof()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                    out = feed(data) if data else eof()
+                        data, out = b"", eof()
+                    except StreamError as exc:   # a WebSocket peer broke the framing
+                        data, out = b"", session.peer_error(exc.condition, exc.text)
                     try:
                         await self._send(out)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

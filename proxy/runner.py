@@ -82,6 +82,7 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
     wrap = lambda role: [trio.SocketListener(s) for s in sockets.get(role, [])]  # noqa: E731
     inbound = wrap("inbound") or await open_listeners(cfg.inbound.listen)
     outbound = wrap("outbound") or await open_outbound_listeners(cfg.outbound.listen)
+    websocket = wrap("websocket") or await open_listeners(cfg.inbound.websocket_listen)
     metrics_listeners = wrap("metrics") or await open_metrics_listeners(cfg.metrics.listen)
 
     handlers: Handlers = holder.state.tls
@@ -98,14 +99,16 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
     holder.subscribe(swap)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound))
+        await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound,
+                                    websocket_listeners=websocket))
         if metrics_listeners:
             await nursery.start(serve_metrics, metrics, metrics_listeners)
         await nursery.start(partial(reload_on_sighup, holder, notifier=notifier))
         nursery.start_soon(notifier.watchdog_task)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
             notifier.ready(f"serving {len(cfg.domains)} domains")
-            log_event(log, logging.INFO, "ready", inbound=_addresses(inbound), outbound=_addresses(outbound))
+            log_event(log, logging.INFO, "ready", inbound=_addresses(inbound), outbound=_addresses(outbound),
+                      websocket=_addresses(websocket))
             task_status.started(server)
             async for signum in stop_signals:
                 log_event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name)

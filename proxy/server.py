@@ -45,17 +45,24 @@ class Listening:
     inbound: list[tuple[str, int]] = field(default_factory=list)
     outbound: list[tuple[str, int]] = field(default_factory=list)
     server: "ProxyServer | None" = None
+    websocket: list[tuple[str, int]] = field(default_factory=list)   # inbound.websocket_listen
 
 
-def dns_evidence(resolver) -> EvidenceFor:
+def dns_evidence(resolver, *, posh=None) -> EvidenceFor:
     """The production `evidence_for`: DESIGN §2.1 lookups via `policy.peer_evidence.gather`,
-    with the policy file's static SRV/TLSA (treated as secure), as seen by an inbound peer."""
+    with the policy file's static SRV/TLSA (treated as secure), as seen by an inbound peer.
+
+    The function carries `.posh`, the POSH fetcher (RFC 7711) for policies that use POSH:
+    `posh`, or the one shared with everything else using `resolver`; `InboundSettings`
+    picks it up."""
     from policy.peer_evidence import gather
+    from proxy.posh_fetch import shared_fetcher
 
     async def evidence_for(domain: str, policy) -> object:
         found = await gather(domain, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa, inbound=True)
         return found.for_inbound()
 
+    evidence_for.posh = posh if posh is not None else shared_fetcher(resolver)  # type: ignore[attr-defined]
     return evidence_for
 
 
@@ -71,6 +78,11 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
 
     if certificates is None:
         certificates = ServerCertificates.from_domains(config.domains)
+    websocket_certificates = None
+    if config.inbound.websocket_listen:
+        from proxy.websocket import ALPN_HTTP_1_1
+
+        websocket_certificates = ServerCertificates.from_domains(config.domains, alpn=(ALPN_HTTP_1_1,))
     if policies is None:
         policies = PolicySet.load(config.policy.dir or None)
     if trust is None:
@@ -92,6 +104,7 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
         handshake_timeout=config.limits.handshake_timeout,
         proxy_protocol=config.inbound.proxy_protocol,
         metrics=metrics,
+        websocket_certificates=websocket_certificates,
     )
 
 
@@ -152,12 +165,15 @@ class ProxyServer:
 
     async def serve(self, *, inbound_listeners: Sequence[trio.SocketListener] | None = None,
                     outbound_listeners: Sequence[trio.SocketListener] | None = None,
+                    websocket_listeners: Sequence[trio.SocketListener] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept until cancelled.  Pre-opened listeners (systemd socket activation) may be
-        passed in; otherwise `inbound.listen` (and `outbound.listen` when an outbound handler
-        is set) are bound."""
+        passed in; otherwise `inbound.listen`, `inbound.websocket_listen` (and
+        `outbound.listen` when an outbound handler is set) are bound."""
         inbound = list(inbound_listeners) if inbound_listeners is not None else \
             await open_listeners(self.config.inbound.listen)
+        websocket = list(websocket_listeners) if websocket_listeners is not None else \
+            await open_listeners(self.config.inbound.websocket_listen)
         outbound: list[trio.SocketListener] = []
         if self.outbound_handler is not None:
             if outbound_listeners is None:
@@ -165,7 +181,7 @@ class ProxyServer:
 
                 outbound_listeners = await open_outbound_listeners(self.config.outbound.listen)
             outbound = list(outbound_listeners)
-        self._listeners = inbound + outbound
+        self._listeners = inbound + websocket + outbound
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -173,9 +189,14 @@ class ProxyServer:
                     nursery.start_soon(self._accept_loop, listener, self._handle_inbound, nursery)
                 for listener in outbound:
                     nursery.start_soon(self._accept_loop, listener, self.outbound_handler, nursery)
+                for listener in websocket:
+                    nursery.start_soon(self._accept_loop, listener, self._handle_websocket, nursery)
                 for host, port in _bound(inbound):
                     _log(logging.INFO, "listening", direction="inbound", address=format_peer((host, port)))
-                task_status.started(Listening(_bound(inbound), _bound(outbound), self))
+                for host, port in _bound(websocket):
+                    _log(logging.INFO, "listening", direction="inbound", transport="websocket",
+                         address=format_peer((host, port)))
+                task_status.started(Listening(_bound(inbound), _bound(outbound), self, _bound(websocket)))
         finally:
             for listener in self._listeners:
                 with trio.CancelScope(shield=True):
@@ -220,6 +241,11 @@ class ProxyServer:
         finally:
             self.connections.discard(conn)
 
+    async def _handle_websocket(self, stream: trio.SocketStream) -> None:
+        from proxy.websocket import handle_websocket_inbound
+
+        await handle_websocket_inbound(stream, self.settings, connections=self.connections)
+
     async def _refuse(self, stream: trio.SocketStream) -> None:
         """Over `limits.max_connections`: RFC 6120 §4.9.3.17 resource-constraint, then close."""
         limit = self.config.limits.max_connections
@@ -251,6 +277,7 @@ async def serve(
     outbound_handler: ConnectionHandler | None = None,
     inbound_listeners: Sequence[trio.SocketListener] | None = None,
     outbound_listeners: Sequence[trio.SocketListener] | None = None,
+    websocket_listeners: Sequence[trio.SocketListener] | None = None,
     metrics=None,
     resolver=None,
     task_status=trio.TASK_STATUS_IGNORED,
@@ -264,7 +291,7 @@ async def serve(
     server = ProxyServer(config, evidence_for=evidence_for, resolver=resolver,
                          outbound_handler=outbound_handler, metrics=metrics)
     await server.serve(inbound_listeners=inbound_listeners, outbound_listeners=outbound_listeners,
-                       task_status=task_status)
+                       websocket_listeners=websocket_listeners, task_status=task_status)
 
 
 __all__ = ["Listening", "ProxyServer", "dns_evidence", "inbound_settings", "open_listeners", "serve"]

@@ -149,20 +149,24 @@ class ServerCertificates:
     certificate (an SNI naming no configured domain keeps the initial one).
     """
 
-    def __init__(self, identities: Mapping[str, tuple[str | Path, str | Path]], *, min_version: str = "1.2") -> None:
+    def __init__(self, identities: Mapping[str, tuple[str | Path, str | Path]], *, min_version: str = "1.2",
+                 alpn: Iterable[bytes] = (ALPN_XMPP_SERVER,)) -> None:
         if not identities:
             raise TlsConfigError("no [[domain]] configured: the proxy has no certificate to present")
         self._contexts: dict[str, SSL.Context] = {}
+        alpn = tuple(alpn)
         for name, (cert, key) in identities.items():
-            ctx = server_context(cert, key, min_version=min_version)
+            ctx = server_context(cert, key, min_version=min_version, alpn=alpn)
             ctx.set_tlsext_servername_callback(self._on_server_name)
             self._contexts[name.lower().rstrip(".")] = ctx
         self._default = next(iter(self._contexts))
 
     @classmethod
-    def from_domains(cls, domains: Iterable, *, min_version: str = "1.2") -> "ServerCertificates":
-        """From `Config.domains` (objects with `.name`, `.cert`, `.key`)."""
-        return cls({d.name: (d.cert, d.key) for d in domains}, min_version=min_version)
+    def from_domains(cls, domains: Iterable, *, min_version: str = "1.2",
+                     alpn: Iterable[bytes] = (ALPN_XMPP_SERVER,)) -> "ServerCertificates":
+        """From `Config.domains` (objects with `.name`, `.cert`, `.key`).  `alpn`: the
+        protocols this listener serves (e.g. `http/1.1` for XEP-0468 WebSocket)."""
+        return cls({d.name: (d.cert, d.key) for d in domains}, min_version=min_version, alpn=alpn)
 
     @property
     def names(self) -> list[str]:

@@ -177,6 +177,7 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "…"
 
 
+@functools.lru_cache(maxsize=4096)   # every stanza's from/to; few distinct JIDs per stream
 def jid_domain(jid: str) -> str:
     """The domainpart of a JID (RFC 7622 §3.2), normalised: `user@Example.org/res` -> `example.org`.
 

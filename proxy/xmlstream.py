@@ -43,6 +43,8 @@ DEFAULT_MAX_STANZA_BYTES = 262144
 # Enough for <stream:features><starttls><required/>, <stream:error><cond/>, and
 # <db:result><error><not-authorized/>; deeper content is relayed but not inspected.
 _TREE_DEPTH = 3
+# First-level elements whose children are never looked at (RFC 6120 §8: routed by from/to).
+_FLAT_STANZAS = frozenset({"message", "presence", "iq"})
 
 # A start tag up to its closing '>', skipping '>' inside quoted attribute values (XML 1.0
 # §3.1 allows a literal '>' there).  Only applied to tags expat already accepted as
@@ -245,6 +247,7 @@ class XmlStreamParser:
         self._base = 0          # absolute stream offset of _buf[0]
         self._consumed = 0      # absolute offset just after the last complete event
         self._depth = 0
+        self._flat = False
         self._el_start = -1     # absolute offset of the open first-level element, or -1
         self._stack: list[_Builder] = []
         self._pending_ns: dict[str | None, str] = {}
@@ -306,7 +309,10 @@ class XmlStreamParser:
             self._pending_ns.clear()
             ns, name = _split(qname)
             self._stack = [_Builder(ns, name, _attrs(attrs), start)]
-        elif depth <= _TREE_DEPTH:
+            # Stanzas are routed by their own from/to alone; building their children would
+            # be half the framing cost of a small message (bench/parts.py).
+            self._flat = ns == NS_SERVER and name in _FLAT_STANZAS
+        elif depth <= _TREE_DEPTH and not self._flat:
             if self._pending_ns:
                 self._pending_ns.clear()
             ns, name = _split(qname)
@@ -321,7 +327,7 @@ class XmlStreamParser:
             self._state = "closed"
             self._events.append(StreamClosed())
             raise _Halt
-        if depth > _TREE_DEPTH:
+        if depth > _TREE_DEPTH or (depth >= 2 and self._flat):
             return
         if depth >= 2:
             b = self._stack.pop()

@@ -230,7 +230,7 @@ class InboundSession:
         self.max_stanza_bytes = max_stanza_bytes
         self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
         self.describe_backend = describe_backend
-        self.state = "start"       # start header starttls tls tls-header connecting relay peer-done closed
+        self.state = "start"       # start header starttls tls tls-header connecting relay peer-done draining closed
         self.direct_tls = False
         self.tls: TlsInfo | None = None
         self.local_domain: str | None = None     # the stream's `to`
@@ -256,12 +256,12 @@ class InboundSession:
 
     @property
     def negotiated(self) -> bool:
-        return self.state in ("relay", "peer-done")
+        return self.state in ("relay", "peer-done", "draining")
 
     @property
     def reading_peer(self) -> bool:
         """Whether the shell should read from the peer now."""
-        return self.state in ("start", "header", "starttls", "tls-header", "connecting", "relay")
+        return self.state in ("start", "header", "starttls", "tls-header", "connecting", "relay", "draining")
 
     @property
     def closed(self) -> bool:
@@ -294,6 +294,9 @@ class InboundSession:
         if self.closed:
             return []
         why = f"peer closed the connection{': ' + reason if reason else ''}"
+        if self.state == "draining":
+            self._finish_drain(why)
+            return self._take()
         if self.state in ("relay", "peer-done"):
             self._end_backend_stream()
             if self.state == "relay":
@@ -378,6 +381,14 @@ class InboundSession:
         if self.closed or self._backend_parser is None or not data:
             return []
         for event in self._backend_parser.feed(data):
+            if self.state == "draining":
+                # Our stream to the peer is closed (RFC 6120 §4.4: nothing more may be sent on
+                # it); the backend sees its stream end once the peer has finished.
+                if isinstance(event, StreamClosed):
+                    self._backend_closed_sent = True
+                    self._close("the backend closed the stream", outcome="system-shutdown")
+                    break
+                continue
             if isinstance(event, Element):
                 self._from_backend(event)
             elif isinstance(event, StreamOpened):
@@ -405,6 +416,9 @@ class InboundSession:
             return []
         self._backend_closed_sent = True
         why = f"{self.describe_backend} closed the connection{': ' + reason if reason else ''}"
+        if self.state == "draining":
+            self._close(why, outcome="system-shutdown")
+            return self._take()
         if not self._backend_header_seen:
             self._error("remote-connection-failed", why + " before answering the stream")
             return self._take()
@@ -457,9 +471,22 @@ class InboundSession:
         if self.state == "tls":
             self._close(text, outcome="system-shutdown")
             return self._take()
+        if self.state == "relay":
+            # RFC 6120 §4.4: we close our stream (system-shutdown, §4.9.3.19) but keep
+            # processing what the peer sent before it saw that; the backend's stream ends
+            # once the peer closes its side (or the drain time of the shell runs out).
+            self._out.append(SendToPeer(stream_error("system-shutdown", text)))
+            self.state = "draining"
+            return self._take()
+        if self.state == "draining":
+            return []
         self._end_backend_stream()
         self._error("system-shutdown", text)
         return self._take()
+
+    def _finish_drain(self, why: str) -> None:
+        self._end_backend_stream()
+        self._close(why, outcome="system-shutdown")
 
     # ------------------------------------------------------------------ peer events
 
@@ -513,6 +540,9 @@ class InboundSession:
             self._error("not-well-formed", "unexpected stream header")
 
     def _on_peer_close(self) -> None:
+        if self.state == "draining":
+            self._finish_drain("the peer closed its stream after system-shutdown")
+            return
         if self.state in ("relay", "peer-done"):
             self._end_backend_stream()
             self.state = "peer-done"
@@ -532,7 +562,9 @@ class InboundSession:
             else:
                 self._error("policy-violation", f"STARTTLS is required; got {_describe(el)} instead of <starttls/>")
             return
-        if self.state != "relay":
+        if self.state == "draining" and el.ns == NS_DIALBACK:
+            return   # no new authentications on a stream that is closing
+        if self.state not in ("relay", "draining"):
             self._error("not-authorized", f"{_describe(el)} before the stream was negotiated")
             return
         if el.ns == NS_DIALBACK:
@@ -642,7 +674,7 @@ class InboundSession:
 
     def _end_backend_stream(self) -> None:
         """Close the backend's stream politely (after everything already forwarded)."""
-        if self.state in ("relay", "peer-done") and not self._backend_closed_sent:
+        if self.state in ("relay", "peer-done", "draining") and not self._backend_closed_sent:
             self._backend_closed_sent = True
             self._out.append(SendToBackend(STREAM_CLOSE))
 
@@ -652,6 +684,11 @@ class InboundSession:
         if self.closed:
             return
         text = _clip(text)
+        if self.state == "draining":
+            # Our stream to the peer is already closed: no second error on it.
+            self._end_backend_stream()
+            self._close(text, condition)
+            return
         if self.state == "tls":
             self._close(text, condition)
             return

@@ -149,6 +149,7 @@ class ProxyServer:
         self.outbound_handler = outbound_handler
         self.connections: set[InboundConnection] = set()
         self.active = 0
+        self._idle = trio.Event()   # set whenever the last connection ends
         self.refused = 0
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
@@ -232,6 +233,8 @@ class ProxyServer:
                 await stream.aclose()
         finally:
             self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         conn = InboundConnection(stream, self.settings)
@@ -262,12 +265,17 @@ class ProxyServer:
         _log(logging.WARNING, "refused", direction="inbound", reason="limits.max_connections reached", limit=limit)
 
     async def shutdown(self) -> None:
-        """Stop accepting and end every stream with system-shutdown (DESIGN §3.3)."""
+        """Stop accepting, end every stream with system-shutdown (DESIGN §3.3), and wait until
+        each has relayed what its peer sent before it closed (RFC 6120 §4.4).  The caller
+        bounds the wait."""
         for listener in self._listeners:
             await listener.aclose()
         async with trio.open_nursery() as nursery:
             for conn in list(self.connections):
                 nursery.start_soon(conn.shutdown)
+        while self.active:
+            self._idle = trio.Event()
+            await self._idle.wait()
 
 
 async def serve(

@@ -17,7 +17,7 @@ from proxy.inbound import (
     MAX_DIALBACK_REJECTIONS, CheckDialback, Close, ConnectBackend, InboundSession, Negotiated, PeerDone,
     SendToBackend, SendToPeer, StartTls, jid_domain, proxy_protocol_v2,
 )
-from proxy.xmlstream import NS_DIALBACK, NS_STREAMS, Element, StreamOpened, XmlStreamParser
+from proxy.xmlstream import NS_DIALBACK, NS_STREAMS, Element, StreamClosed, StreamOpened, XmlStreamParser
 from test_inbound_openssl import (
     LOCAL, PEER, FakeBackend, Peer, db_result, log_lines, make_config, running_proxy, stream_error_of,
     world,  # noqa: F401  (a fixture)
@@ -369,13 +369,21 @@ def test_shutdown_ends_streams_with_system_shutdown(world, tmp_path):
                 await peer.negotiate(world.peer)
                 await peer.send(db_result())
                 await peer.expect(Element)
-                await listening.server.shutdown()
-                got, text = stream_error_of(await peer.until_closed())
-                assert got == "system-shutdown" and "shutting down" in text
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(listening.server.shutdown)
+                    # RFC 6120 §4.4: our stream ends (system-shutdown, then </stream:stream>)...
+                    got, text = stream_error_of([await peer.expect(Element)])
+                    assert got == "system-shutdown" and "shutting down" in text
+                    await peer.expect(StreamClosed)
+                    with pytest.raises(OSError):
+                        await trio.open_tcp_stream("127.0.0.1", port)   # no longer accepting
+                    # ...but what the peer sent before it saw that still reaches the backend,
+                    # and the backend's stream ends only when the peer has closed its side.
+                    assert not backend.connections[0].closed
+                    await peer.send(MESSAGE + b"</stream:stream>")
+                    await peer.until_closed()
                 await backend.wait_for(lambda: backend.connections[0].closed)
-                assert backend.connections[0].received.endswith(db_result() + b"</stream:stream>")
-                with pytest.raises(OSError):
-                    await trio.open_tcp_stream("127.0.0.1", port)   # no longer accepting
+                assert backend.connections[0].received.endswith(db_result() + MESSAGE + b"</stream:stream>")
 
     trio.run(main)
 

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from policy.tlsa import record_for
-from proxy.xmlstream import NS_DIALBACK, NS_STREAMS, Element, StreamOpened
+from proxy.xmlstream import NS_DIALBACK, NS_STREAM_ERRORS, NS_STREAMS, Element, StreamClosed
 from test_inbound_openssl import LOCAL, PEER, FakeBackend, Peer, world  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,6 +242,7 @@ def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noq
                 await proxy.wait_log(r"reloaded", after=mark)
                 third, answer = await authenticate(listen_port, world.peer_self)
                 assert answer.attrs.get("type") == "error" and b"blocked" in third.received
+                await third.aclose()
                 await proxy.wait_log(r"event=decision .*verdict=reject .*blocked", after=mark)
                 await first.send(f"<message from='{PEER}' to='{LOCAL}'><body>two</body></message>")
                 await backend.wait_for(backend_saw(backend, b"<body>two</body>"))
@@ -257,14 +258,22 @@ def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noq
                 # The start-up load counts as a successful load, then the second SIGHUP.
                 assert metric(text, "xmpp_dane_proxy_config_reloads_total", result="success") == 2
 
-                # SIGTERM right after a stanza: it is delivered, the peer gets system-shutdown.
+                # SIGTERM right after a stanza: the peer gets system-shutdown and the end of our
+                # stream; what it sent before it saw that (the stanza in flight, and one more)
+                # still reaches the backend (RFC 6120 §4.4); then the proxy exits 0.
                 await first.send(f"<message from='{PEER}' to='{LOCAL}'><body>last words</body></message>")
                 proxy.signal(signal.SIGTERM)
                 assert any("STOPPING=1" in m for m in await notify_socket.wait_for("STOPPING=1"))
-                received = await first.until_closed()
-                assert b"system-shutdown" in received
-                await backend.wait_for(backend_saw(backend, b"<body>last words</body>"))
+                error = await first.expect(Element)
+                assert error.is_(NS_STREAMS, "error") and error.find(NS_STREAM_ERRORS, "system-shutdown") is not None
+                await first.expect(StreamClosed)
+                await first.send(f"<message from='{PEER}' to='{LOCAL}'><body>in flight</body></message></stream:stream>")
+                await first.until_closed()
                 assert await proxy.exit_code() == 0
+                received = bytes(backend.connections[0].received)
+                assert received.endswith(b"<body>last words</body></message>"
+                                         + f"<message from='{PEER}' to='{LOCAL}'><body>in flight</body></message>".encode()
+                                         + b"</stream:stream>")
             finally:
                 proxy.kill()
 
@@ -298,7 +307,10 @@ def test_socket_activation_serves_the_handed_socket(world, tmp_path):  # noqa: F
                 with pytest.raises(OSError):
                     await trio.open_tcp_stream("127.0.0.1", configured_port)
                 proxy.signal(signal.SIGTERM)
-                assert b"system-shutdown" in await peer.until_closed()
+                error = await peer.expect(Element)
+                assert error.find(NS_STREAM_ERRORS, "system-shutdown") is not None
+                await peer.send(b"</stream:stream>")
+                await peer.until_closed()
                 assert await proxy.exit_code() == 0
             finally:
                 proxy.kill()

@@ -218,7 +218,11 @@ class ProxyServer:
                 return
             if self.active >= self.config.limits.max_connections:
                 self.refused += 1
-                nursery.start_soon(self._refuse, stream)
+                if handler == self._handle_websocket:
+                    # A wss peer expects a TLS handshake first: XML would be garbage to it.
+                    nursery.start_soon(trio.aclose_forcefully, stream)
+                else:
+                    nursery.start_soon(self._refuse, stream)
                 continue
             self.active += 1
             nursery.start_soon(self._run_handler, handler, stream)

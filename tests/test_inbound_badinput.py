@@ -236,6 +236,31 @@ def test_backend_down_gives_remote_connection_failed(world, tmp_path):
     trio.run(main)
 
 
+def test_unix_socket_backend(world, tmp_path):
+    """`inbound.backend = "unix:/path"`: the accepted stream reaches a backend on a Unix socket."""
+    path = tmp_path / "s2s.sock"
+
+    async def main():
+        backend = FakeBackend()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        sock.listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, backend._serve, [trio.SocketListener(sock)])
+            config = make_config(world, f"unix:{path}", tmp_path)
+            async with running_proxy(config) as listening:
+                peer = await Peer.connect(listening.inbound[0][1])
+                await peer.negotiate(world.peer)
+                await peer.send(db_result())
+                answer = await peer.expect(Element)
+                assert answer.is_(NS_DIALBACK, "result") and answer.attrs.get("type") == "valid"
+                await peer.send(MESSAGE)
+                await backend.wait_for(lambda: MESSAGE in backend.connections[0].received)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_max_connections_refuses_with_resource_constraint(world, tmp_path):
     async def body(port, backend):
         first = await Peer.connect(port)

@@ -214,6 +214,29 @@ def test_websocket_without_the_xmpp_subprotocol_is_refused(world, tmp_path):
     trio.run(main)
 
 
+def test_over_max_connections_a_wss_peer_is_closed_without_xml(world, tmp_path):
+    """Past limits.max_connections the wss port closes at once: a TLS client must not be
+    sent a plaintext XML stream error."""
+    async def main():
+        async with FakeBackend().running() as backend:
+            config = ws_config(world, backend, tmp_path, max_connections=1)
+            async with running_proxy(config) as listening:
+                holder = await trio.open_tcp_stream("127.0.0.1", listening.inbound[0][1])
+                await holder.send_all(b"<?xml version='1.0'?>")   # keeps the one slot busy
+                with trio.fail_after(10):
+                    while listening.server.active < 1:
+                        await trio.sleep(0.01)
+                refused = await trio.open_tcp_stream("127.0.0.1", listening.websocket[0][1])
+                with trio.fail_after(10):
+                    received = b""
+                    while chunk := await refused.receive_some(4096):
+                        received += chunk
+                assert received == b"" and listening.server.refused == 1
+                await holder.aclose()
+
+    trio.run(main)
+
+
 # ================================================================================ bad framing
 
 BAD_FRAMING = [

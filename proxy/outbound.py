@@ -570,16 +570,22 @@ class _Run:
             return self.session.outcome or "closed-early"
         return await self._relay()
 
+    async def _backend_step(self) -> tuple[Output, bool]:
+        """Read what the backend sent, feed it to the session and send what that produced;
+        True when the backend's side has ended (closed, broken, or the session closed)."""
+        try:
+            data = await self.backend.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        out = self.session.backend_data(data) if data else self.session.backend_eof()
+        await self._send_quietly(out)
+        return out, out.close or not data
+
     async def _read_header(self) -> Opening | None:
         with trio.move_on_after(self.ctx.handshake_timeout) as scope:
             while True:
-                try:
-                    data = await self.backend.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                out = self.session.backend_data(data) if data else self.session.backend_eof()
-                await self._send_quietly(out)
-                if out.close or not data:
+                out, ended = await self._backend_step()
+                if ended:
                     if out.outcome not in (None, "closed-early"):
                         log_event(log, logging.INFO, "refused", direction="outbound", backend=self.backend_addr,
                                   outcome=out.outcome, reason=_error_text(out.to_backend))
@@ -608,13 +614,8 @@ class _Run:
                 # While we look for a peer, the backend may give up (its own connect timeout)
                 # or, unusually, send more; both are handled by the session.
                 while True:
-                    try:
-                        data = await self.backend.receive_some(_RECEIVE_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                    out = self.session.backend_data(data) if data else self.session.backend_eof()
-                    await self._send_quietly(out)
-                    if out.close or not data:
+                    _out, ended = await self._backend_step()
+                    if ended:
                         result["backend_gone"] = True
                         nursery.cancel_scope.cancel()
                         return

@@ -79,7 +79,10 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         log.warning(warning)
 
     sockets = listen_fds()
-    wrap = lambda role: [trio.SocketListener(s) for s in sockets.get(role, [])]  # noqa: E731
+
+    def wrap(role: str) -> list[trio.SocketListener]:
+        return [trio.SocketListener(s) for s in sockets.get(role, [])]
+
     inbound = wrap("inbound") or await open_listeners(cfg.inbound.listen)
     outbound = wrap("outbound") or await open_outbound_listeners(cfg.outbound.listen)
     websocket = wrap("websocket") or await open_listeners(cfg.inbound.websocket_listen)

@@ -53,7 +53,7 @@ from proxy.streamerrors import StreamError
 from proxy.tls import TlsError, TlsInfo, TlsStream
 from proxy.xmlstream import (
     DEFAULT_MAX_STANZA_BYTES, NS_SERVER, NS_STREAMS, NS_XML, STREAM_CLOSE, Element,
-    StreamClosed, StreamOpened, XmlError, XmlStreamParser, xml_attr,
+    StreamClosed, StreamOpened, XmlError, XmlStreamParser, classify_expat_error, xml_attr,
 )
 
 log = logging.getLogger("xmpp_dane_proxy.websocket")
@@ -85,16 +85,6 @@ _XML_LANG = f"{{{NS_XML}}}lang"
 _NAME_END = re.compile(rb"[\s/>]")
 _ATTR = re.compile(rb"""\s*([^\s=/>]+)\s*=\s*(?:"[^"]*"|'[^']*')""")
 
-_E = expat.errors
-_RESTRICTED_CODES = {
-    _E.codes[getattr(_E, name)]
-    for name in ("XML_ERROR_UNDEFINED_ENTITY", "XML_ERROR_RECURSIVE_ENTITY_REF", "XML_ERROR_BINARY_ENTITY_REF",
-                 "XML_ERROR_ATTRIBUTE_EXTERNAL_ENTITY_REF", "XML_ERROR_EXTERNAL_ENTITY_HANDLING",
-                 "XML_ERROR_ENTITY_DECLARED_IN_PE", "XML_ERROR_AMPLIFICATION_LIMIT_BREACH")
-    if hasattr(_E, name)
-}
-_UNBOUND_PREFIX = _E.codes[_E.XML_ERROR_UNBOUND_PREFIX]
-_ENCODING_CODES = {_E.codes[_E.XML_ERROR_UNKNOWN_ENCODING], _E.codes[_E.XML_ERROR_INCORRECT_ENCODING]}
 
 
 # ================================================================================ one message
@@ -184,17 +174,11 @@ def parse_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_STANZA_BYTES) -> 
 
 
 def _classify(exc: expat.ExpatError) -> tuple[str, str]:
-    message = expat.ErrorString(exc.code)
-    where = f"at line {exc.lineno}, column {exc.offset}"
-    if exc.code in _RESTRICTED_CODES:
-        return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
-    if exc.code == _UNBOUND_PREFIX:
-        return "bad-namespace-prefix", f"{message} {where}: each message must declare its namespaces (RFC 7395 §3.3.3)"
-    if exc.code in _ENCODING_CODES:
-        return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
     # RFC 7395 §3.3.3: every message is one complete element, parsable as an XML document.
-    return "not-well-formed", (f"{message} {where}: each WebSocket message must be exactly one complete "
-                               f"XML element (RFC 7395 §3.3.3)")
+    return classify_expat_error(
+        exc, f"at line {exc.lineno}, column {exc.offset}",
+        prefix_hint=": each message must declare its namespaces (RFC 7395 §3.3.3)",
+        malformed_hint=": each WebSocket message must be exactly one complete XML element (RFC 7395 §3.3.3)")
 
 
 def _stream_header_in_message() -> tuple[str, str]:
@@ -232,16 +216,18 @@ def open_element(header: StreamOpened) -> str:
     """The `<open/>` message for a stream header (RFC 7395 §3.3.2 with XEP-0468's namespace):
     the same from/to/id/version/xml:lang, and its prefix declarations (XEP-0220 §2.4.1: a
     declared `xmlns:db` announces dialback errors) except the stream prefix."""
-    parts = [f"<open xmlns={xml_attr(NS_FRAMING_SERVER)}"]
-    for prefix, uri in header.namespaces.items():
-        if prefix is not None and prefix != "stream":
-            parts.append(f" xmlns:{prefix}={xml_attr(uri)}")
-    for name in _OPEN_ATTRS:
-        if (value := header.attrs.get(name)) is not None:
-            parts.append(f" {name}={xml_attr(value)}")
-    if (lang := header.attrs.get(_XML_LANG)) is not None:
+    return f"<open xmlns={xml_attr(NS_FRAMING_SERVER)}{_header_attrs(header.namespaces, header.attrs)}/>"
+
+
+def _header_attrs(namespaces: dict, attrs: dict) -> str:
+    """The prefix declarations (but the stream prefix) and the from/to/id/version/xml:lang
+    attributes that an `<open/>` and a `<stream:stream>` header carry alike."""
+    parts = [f" xmlns:{prefix}={xml_attr(uri)}" for prefix, uri in namespaces.items()
+             if prefix is not None and prefix != "stream"]
+    parts += [f" {name}={xml_attr(attrs[name])}" for name in _OPEN_ATTRS if attrs.get(name) is not None]
+    if (lang := attrs.get(_XML_LANG)) is not None:
         parts.append(f" xml:lang={xml_attr(lang)}")
-    return "".join(parts) + "/>"
+    return "".join(parts)
 
 
 CLOSE_ELEMENT = f"<close xmlns='{NS_FRAMING_SERVER}'/>"
@@ -250,16 +236,8 @@ CLOSE_ELEMENT = f"<close xmlns='{NS_FRAMING_SERVER}'/>"
 def stream_header_for(message: Message) -> bytes:
     """The RFC 6120 stream header an `<open/>` stands for: `jabber:server` content, the
     stream prefix, the open's own prefix declarations and attributes."""
-    parts = [f"<stream:stream xmlns={xml_attr(NS_SERVER)} xmlns:stream={xml_attr(NS_STREAMS)}"]
-    for prefix, uri in message.namespaces.items():
-        if prefix is not None and prefix != "stream":
-            parts.append(f" xmlns:{prefix}={xml_attr(uri)}")
-    for name in _OPEN_ATTRS:
-        if (value := message.attrs.get(name)) is not None:
-            parts.append(f" {name}={xml_attr(value)}")
-    if (lang := message.attrs.get(_XML_LANG)) is not None:
-        parts.append(f" xml:lang={xml_attr(lang)}")
-    return ("<?xml version='1.0'?>" + "".join(parts) + ">").encode("utf-8")
+    head = f"<stream:stream xmlns={xml_attr(NS_SERVER)} xmlns:stream={xml_attr(NS_STREAMS)}"
+    return (f"<?xml version='1.0'?>{head}{_header_attrs(message.namespaces, message.attrs)}>").encode("utf-8")
 
 
 class WebSocketFraming:

@@ -426,14 +426,7 @@ class XmlStreamParser:
 
     def _classify(self, exc: expat.ExpatError) -> tuple[str, str]:
         where = f"at byte {self._p.ErrorByteIndex} (line {exc.lineno}, column {exc.offset})"
-        message = expat.ErrorString(exc.code)
-        if exc.code in _RESTRICTED_CODES:
-            return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
-        if exc.code == _UNBOUND_PREFIX:
-            return "bad-namespace-prefix", f"{message} {where}"
-        if exc.code in _ENCODING_CODES:
-            return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
-        return "not-well-formed", f"{message} {where}"
+        return classify_expat_error(exc, where)
 
     def _fail(self, condition: str, text: str) -> None:
         if self._state in ("failed", "closed"):
@@ -444,6 +437,19 @@ class XmlStreamParser:
 
 
 # -------------------------------------------------------------------- building output
+
+def classify_expat_error(exc: expat.ExpatError, where: str, *, prefix_hint: str = "",
+                         malformed_hint: str = "") -> tuple[str, str]:
+    """The RFC 6120 §4.9.3 stream error condition and text for an expat error at `where`."""
+    message = expat.ErrorString(exc.code)
+    if exc.code in _RESTRICTED_CODES:
+        return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
+    if exc.code == _UNBOUND_PREFIX:
+        return "bad-namespace-prefix", f"{message} {where}{prefix_hint}"
+    if exc.code in _ENCODING_CODES:
+        return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
+    return "not-well-formed", f"{message} {where}{malformed_hint}"
+
 
 def xml_text(text: str) -> str:
     """`text` safe as XML character data: escaped, and characters XML forbids replaced."""

@@ -249,6 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.reload import StateLoadError
     from proxy.runner import run_proxy
     from proxy.socket_activation import SocketActivationError
+    from proxy.workers import WorkerStartError
 
     try:
         trio.run(run_proxy, args.config)
@@ -257,6 +258,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return EXIT_REJECT
     except SocketActivationError as exc:
+        print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
+        return EXIT_REJECT
+    except WorkerStartError as exc:
         print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
         return EXIT_REJECT
     except OSError as exc:

@@ -14,6 +14,7 @@ from policy.pkix_names import normalise_domain
 from policy.tomlfile import TomlDocument, TomlFileError
 
 DEFAULT_CONFIG_PATH = "/etc/xmpp-dane-proxy/config.toml"
+MAX_WORKERS = 1024
 
 
 class ConfigError(TomlFileError):
@@ -41,6 +42,13 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not host:
         raise ValueError(f"{text!r}: empty host")
     return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # 0 = one worker process per CPU this process may run on (DESIGN §8, proxy/workers.py):
+    # TLS handshakes and XML framing are CPU-bound, and one Python process uses one core.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class LogConfig:
 class Config:
     """The whole configuration; `path` is where it came from (for messages)."""
 
+    server: ServerConfig = field(default_factory=ServerConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     domains: list[DomainConfig] = field(default_factory=list)
@@ -142,6 +151,14 @@ def _positive_number(v: Any) -> float:
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError("must be a positive integer")
+    return v
+
+
+def _workers(v: Any) -> int:
+    # More worker processes than MAX_WORKERS is a typo, not a machine: each one holds its
+    # own TLS contexts, DNS cache and file descriptors.
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WORKERS:
+        raise ValueError(f"must be an integer from 0 (one per CPU) to {MAX_WORKERS}")
     return v
 
 
@@ -186,6 +203,7 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
+    "server": (ServerConfig, {"workers": _workers}),
     "inbound": (InboundConfig, {"listen": _list_of(_listen), "backend": _backend,
                                 "proxy_protocol": _bool, "websocket_listen": _list_of(_listen)}),
     "outbound": (OutboundConfig, {"listen": _list_of(_listen)}),

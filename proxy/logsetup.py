@@ -26,6 +26,9 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 DECISION_LOGGER = "xmpp_dane_proxy.decision"
+# Keys every line of this process carries, after `logger` (a worker process's `worker=N`,
+# proxy/worker_process.py), so the lines of N workers sharing one journal stay apart.
+_PROCESS_FIELDS: dict[str, Any] = {}
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 # A PEM private key block — PKCS#8, encrypted PKCS#8, PKCS#1 RSA, SEC1 EC, OpenSSH, ... — in
@@ -74,6 +77,7 @@ class _StructuredFormatter(logging.Formatter):
             out["ts"] = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
         out["level"] = record.levelname.lower()
         out["logger"] = record.name
+        out.update(_PROCESS_FIELDS)
         extra = getattr(record, "fields", None) or {}
         message = record.getMessage()
         # A structured record's message is usually its event name; do not repeat it.
@@ -147,6 +151,11 @@ def configure_logging(level: str = "info", fmt: str = "text", *, stream: TextIO 
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
     return handler
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Add `fields` to every line this process logs from now on (both formats)."""
+    _PROCESS_FIELDS.update(fields)
 
 
 def format_peer(peer: str | tuple | None) -> str:

@@ -127,8 +127,10 @@ class Metrics:
         self.connections = Counter(
             f"{PREFIX}_connections", "Connections handled, by direction and how they ended "
             "(ok, or the stream error condition sent).", ["direction", "outcome"], registry=r)
+        # With workers (proxy/service_metrics.py): the sum over the workers alive now.
         self.connections_open = Gauge(
-            f"{PREFIX}_connections_open", "Connections open now.", ["direction"], registry=r)
+            f"{PREFIX}_connections_open", "Connections open now.", ["direction"], registry=r,
+            multiprocess_mode="livesum")
         self.verdicts = Counter(
             f"{PREFIX}_verdicts", "Trust decisions, by prooftype and reason category.",
             ["direction", "verdict", "prooftype", "reason"], registry=r)

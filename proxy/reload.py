@@ -41,7 +41,7 @@ log = logging.getLogger("xmpp_dane_proxy.reload")
 EXPIRY_WARNING = _dt.timedelta(days=14)
 # Listening addresses are bound once at start (or handed over by systemd); changing them in
 # the file takes a restart, which the operator should be told about rather than guess.
-_RESTART_ONLY = (("inbound", "listen"), ("outbound", "listen"), ("metrics", "listen"))
+_RESTART_ONLY = (("inbound", "listen"), ("outbound", "listen"), ("metrics", "listen"), ("server", "workers"))
 
 
 class StateLoadError(Exception):

@@ -26,6 +26,7 @@ from proxy.sdnotify import Notifier
 from proxy.inbound import InboundSettings
 from proxy.server import ProxyServer, inbound_settings, open_listeners
 from proxy.socket_activation import listen_fds
+from proxy.worker_process import WorkerSetup
 
 log = logging.getLogger("xmpp_dane_proxy.run")
 
@@ -56,8 +57,12 @@ def build_handlers(state: RuntimeState, *, resolver: Resolver, metrics: Metrics)
 
 
 async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run until SIGTERM/SIGINT (or cancellation).  Raises StateLoadError on bad files at start."""
+                    task_status=trio.TASK_STATUS_IGNORED, worker: WorkerSetup | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or cancellation).  Raises StateLoadError on bad files at start.
+
+    With `[server] workers` other than 1 this process becomes the supervisor of N workers
+    (proxy/workers.py); `worker` is set when this process is one of them (it then serves the
+    sockets it was handed and binds nothing)."""
     notifier = notifier or Notifier()
     metrics = Metrics()
     resolvers: list[Resolver] = []
@@ -72,21 +77,32 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
                                       metrics.dns_lookup(rdtype, status, cached=cached)))
         return build_handlers(state, resolver=resolvers[0], metrics=metrics)
 
-    holder = StateHolder(config_path, build_tls=build, metrics=metrics)
+    # A worker's loads are its supervisor's to count (proxy/service_metrics.py).
+    holder = StateHolder(config_path, build_tls=build, metrics=metrics if worker is None else None)
     cfg = holder.state.config
     configure_logging(cfg.log.level, cfg.log.format)
-    for warning in holder.state.warnings:
+    for warning in holder.state.warnings if worker is None else ():
         log.warning(warning)
 
-    sockets = listen_fds()
+    sockets = listen_fds() if worker is None else worker.sockets
+    if worker is None and cfg.server.workers != 1:
+        from proxy.workers import supervise, worker_count
+
+        if worker_count(cfg.server.workers) > 1:
+            await supervise(holder, metrics, sockets, notifier=notifier, task_status=task_status)
+            return
 
     def wrap(role: str) -> list[trio.SocketListener]:
         return [trio.SocketListener(s) for s in sockets.get(role, [])]
 
-    inbound = wrap("inbound") or await open_listeners(cfg.inbound.listen)
-    outbound = wrap("outbound") or await open_outbound_listeners(cfg.outbound.listen)
-    websocket = wrap("websocket") or await open_listeners(cfg.inbound.websocket_listen)
-    metrics_listeners = wrap("metrics") or await open_metrics_listeners(cfg.metrics.listen)
+    async def bind(open_fn, addresses):
+        # A worker never binds: its supervisor did, once for all workers.
+        return await open_fn(addresses) if worker is None else []
+
+    inbound = wrap("inbound") or await bind(open_listeners, cfg.inbound.listen)
+    outbound = wrap("outbound") or await bind(open_outbound_listeners, cfg.outbound.listen)
+    websocket = wrap("websocket") or await bind(open_listeners, cfg.inbound.websocket_listen)
+    metrics_listeners = wrap("metrics") or await bind(open_metrics_listeners, cfg.metrics.listen)
 
     handlers: Handlers = holder.state.tls
     outbound_proxy = OutboundProxy(context=handlers.outbound)

@@ -93,13 +93,18 @@ def config_text(
     metrics_listen: str = "",
     log_level: str = "info",
     log_format: str = "text",
+    workers: int = 1,
 ) -> str:
     """The text of a config.toml (DESIGN §4).  `domains` are (name, chain PEM path, key path).
 
     Test defaults differ from production ones where a test needs it: listen on port 0 (read
     the bound port back), no outbound listener and no metrics listener (nothing bound that a
-    test did not ask for), short DNS/handshake timeouts (a failure shows up in seconds)."""
+    test did not ask for), short DNS/handshake timeouts (a failure shows up in seconds),
+    one process (`workers = 1`, not one per CPU: a test that wants workers says so)."""
     lines = [
+        "[server]",
+        f"workers = {workers}",
+        "",
         "[inbound]",
         f"listen = {_toml_value(list(listen))}",
         f"backend = {_toml_value(backend)}",

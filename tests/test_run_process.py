@@ -35,10 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metrics_port: int) -> Path:
+def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metrics_port: int,
+                 workers: int = 1) -> Path:
     (tmp / "policy.d").mkdir(exist_ok=True)
     path = tmp / "config.toml"
     path.write_text(f"""
+[server]
+workers = {workers}
+
 [inbound]
 listen = ["127.0.0.1:{listen_port}"]
 backend = "127.0.0.1:{backend_port}"

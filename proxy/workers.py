@@ -1,0 +1,484 @@
+"""`[server] workers = N`: one supervising process and N worker processes (DESIGN §8).
+
+One Python process runs on one core; TLS handshakes and XML framing are CPU work, so a busy
+server runs one worker per core.  With N > 1 the process started by `xmpp-dane-proxy run`
+becomes the **supervisor**:
+
+- it loads and checks every file (as one process would), binds the listening sockets, and
+  starts N workers (proxy/worker_process.py), each running the ordinary `run_proxy` on its own
+  trio loop, with its own TLS contexts and DNS cache (shared through the local resolver);
+- sockets: for every listen address the supervisor binds one SO_REUSEPORT socket per worker,
+  so the kernel spreads new connections over the workers by a hash of the peer's address and
+  port, with no thundering herd on one accept queue.  It keeps all of them open, so a worker's
+  socket and the connections queued on it survive the worker's restart.  Socket-activated
+  descriptors (one per address, from systemd) are handed to every worker as they are; the
+  workers then share their accept queue;
+- it alone speaks to systemd (NotifyAccess=main): READY=1 once every worker serves,
+  RELOADING=1 … READY=1 around a reload, STOPPING=1 and the watchdog keep-alive;
+- SIGHUP: it loads and checks the files first; a broken file is refused once, here, and no
+  worker is disturbed (each keeps what it runs).  Good files: SIGHUP to every worker, each
+  reloads exactly as a single process does (streams stay), READY=1 when all have answered;
+- SIGTERM/SIGINT: SIGTERM to every worker, each drains as a single process does; exit 0;
+- a worker that dies (or whose event loop stops answering for HANG_SECONDS) is restarted and
+  logged, at most RESTART_BURST times per RESTART_WINDOW each; beyond that the restarts wait;
+- `/metrics`: proxy/service_metrics.py.
+
+`workers = 1` runs no supervisor at all: the one process is the proxy, exactly as before, so
+the simple case keeps one process, one log and nothing new that could fail.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+import proxy
+from proxy.config import parse_hostport
+from proxy.logsetup import log_event
+from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
+from proxy.reload import StateHolder
+from proxy.sdnotify import Notifier
+from proxy.service_metrics import ServiceMetrics, WorkerView
+from proxy.worker_process import ENV_SETUP, HEARTBEAT_SECONDS, MAX_CONTROL_LINE, WorkerSetup
+
+log = logging.getLogger("xmpp_dane_proxy.workers")
+
+# A worker that dies is restarted at once up to RESTART_BURST times per RESTART_WINDOW; more
+# often than that it is crashing in a loop, and each further restart waits, so a crash loop
+# costs at most 5 starts (and their log lines) a minute instead of a busy core.
+RESTART_BURST = 5
+RESTART_WINDOW = 60.0
+# Loading every file and building TLS contexts takes well under a second; a minute is room
+# for a slow disk or a loaded machine before start-up (or a reload) is declared failed.
+START_TIMEOUT = 60.0
+RELOAD_TIMEOUT = 60.0
+# A worker pings every HEARTBEAT_SECONDS; silence this long means its event loop is stuck
+# (it relays nothing), and it is killed and restarted — the unit's WatchdogSec= for workers.
+HANG_SECONDS = 30.0
+# After SIGTERM a worker drains for up to proxy.runner.DRAIN_SECONDS; then this much more
+# before it is killed.
+STOP_GRACE = 5.0
+# listen(2) backlog, as trio.open_tcp_listeners uses (the kernel caps it at somaxconn).
+BACKLOG = 0xFFFF
+ROLES = ("inbound", "outbound", "websocket")
+
+
+class WorkerStartError(Exception):
+    """A worker did not come up at start; the proxy does not start with fewer than N."""
+
+
+def worker_count(configured: int) -> int:
+    """`[server] workers`, with 0 meaning the number of CPUs this process may run on."""
+    # sched_getaffinity, not os.cpu_count: under `taskset`, a cgroup cpuset or systemd's
+    # CPUAffinity= the process may use fewer CPUs than the machine has.
+    return configured or len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------- listening sockets
+
+def bind_reuseport(role: str, addresses: Sequence[str], copies: int) -> list[list[socket.socket]]:
+    """`copies` listening sockets per address (SO_REUSEPORT), as one list per worker.
+
+    `[::]:P` and `*:P` mean every IPv4 and IPv6 address, as in proxy.server.open_listeners.
+    An address already in use is an OSError naming the role and address.
+    """
+    per_worker: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for entry in addresses:
+            host, port = parse_hostport(entry)
+            wildcard = host in ("::", "*", "")
+            try:
+                infos = socket.getaddrinfo(None if wildcard else host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                raise OSError(errno.EADDRNOTAVAIL, f"{role} listen address {entry}: {exc.strerror}") from None
+            seen = set()
+            for family, _, _, _, sockaddr in infos:
+                if sockaddr in seen:
+                    continue
+                seen.add(sockaddr)
+                if port != 0:
+                    _refuse_if_in_use(family, sockaddr, role, entry)
+                address = sockaddr
+                for sockets in per_worker:
+                    sock = _reuseport_listener(family, address, role, entry)
+                    sockets.append(sock)
+                    address = sock.getsockname()   # port 0: every copy takes the port the first got
+    except BaseException:
+        for sockets in per_worker:
+            for sock in sockets:
+                sock.close()
+        raise
+    return per_worker
+
+
+def _refuse_if_in_use(family: int, address, role: str, entry: str) -> None:
+    # SO_REUSEPORT would let us join another process's group on the same port (same user)
+    # and silently share its connections — e.g. a second proxy started by mistake.  A plain
+    # bind first fails with EADDRINUSE if anything listens there, as a single process would.
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is no conflict
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{role} listen address {entry}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _reuseport_listener(family: int, address, role: str, entry: str) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # Like trio: "[::]" binds IPv6 only, and 0.0.0.0 gets a socket of its own.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{role} listen address {entry}: {exc.strerror}") from None
+    return sock
+
+
+def _describe(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ----------------------------------------------------------------------------- the workers
+
+@dataclass
+class _Slot:
+    """Worker number `index` and whatever process currently fills it."""
+
+    index: int
+    fds: dict[str, list[int]]
+    process: trio.Process | None = None
+    ready: bool = False            # answered READY=1 since it was started
+    draining: bool = False         # said STOPPING=1
+    generation: int = 0            # configuration generation it was told to run
+    status: str = ""               # STATUS= of its last READY=1
+    last_heard: float = 0.0
+    restarts: int = 0
+    restart_times: collections.deque = field(default_factory=collections.deque)
+    answered: trio.Event = field(default_factory=trio.Event)   # READY=1 after a reload, or exit
+
+
+class Supervisor:
+    """Starts, watches, reloads and stops the N workers."""
+
+    def __init__(self, config_path: str, slots: list[_Slot], metrics: ServiceMetrics, generation: int) -> None:
+        self.config_path = config_path
+        self.slots = slots
+        self.metrics = metrics
+        self.generation = generation
+        self.stopping = False
+        self.started = False
+        self.start_failure: str | None = None
+        self._changed = trio.Event()
+
+    def views(self) -> list[WorkerView]:
+        return [WorkerView(s.index, s.process.pid if s.process and s.process.returncode is None else None,
+                           s.restarts) for s in self.slots]
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_all_ready(self) -> None:
+        """Until every worker answered READY=1; WorkerStartError if one exited first."""
+        while True:
+            if self.start_failure is not None:
+                raise WorkerStartError(self.start_failure)
+            if all(s.ready for s in self.slots):
+                self.started = True
+                return
+            await self._changed.wait()
+
+    # --- one slot -------------------------------------------------------------------------
+
+    async def keep_running(self, slot: _Slot) -> None:
+        """Run a worker in `slot`, restarting it whenever it dies, until the supervisor stops."""
+        while not self.stopping:
+            if slot.restart_times or slot.restarts:
+                await self._restart_allowed(slot)
+                if self.stopping:
+                    return
+            process, control = await self._spawn(slot)
+            log_event(log, logging.INFO, "worker-started", worker=slot.index, pid=process.pid)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_control, slot, control)
+                nursery.start_soon(self._watch_hang, slot, process)
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
+            await control.aclose()
+            if process.stdin is not None:
+                await process.stdin.aclose()
+            self.metrics.process_dead(process.pid)
+            was_ready, slot.ready, slot.draining = slot.ready, False, False
+            slot.answered.set()
+            self._notify_change()
+            if self.stopping:
+                log_event(log, logging.INFO if code == 0 else logging.WARNING, "worker-stopped",
+                          worker=slot.index, pid=process.pid, status=_exit_status(code))
+                return
+            if not self.started and not was_ready:
+                self.start_failure = (f"worker {slot.index} (pid {process.pid}) {_exit_status(code)} "
+                                      f"before it was ready; see its lines above")
+                self._notify_change()
+                return
+            slot.restarts += 1
+            log_event(log, logging.ERROR, "worker-exited", worker=slot.index, pid=process.pid,
+                      status=_exit_status(code), action="restart")
+
+    async def _restart_allowed(self, slot: _Slot) -> None:
+        now = trio.current_time()
+        times = slot.restart_times
+        while times and now - times[0] >= RESTART_WINDOW:
+            times.popleft()
+        if len(times) >= RESTART_BURST:
+            delay = times[0] + RESTART_WINDOW - now
+            log_event(log, logging.WARNING, "worker-restart-delayed", worker=slot.index, seconds=f"{delay:.1f}",
+                      reason=f"{RESTART_BURST} restarts within {RESTART_WINDOW:.0f}s")
+            await trio.sleep(delay)
+            times.popleft()
+        times.append(trio.current_time())
+
+    async def _spawn(self, slot: _Slot) -> tuple[trio.Process, trio.lowlevel.FdStream]:
+        read_fd, write_fd = os.pipe()
+        setup = WorkerSetup(self.config_path, slot.index, write_fd, slot.fds)
+        passed = [write_fd, *(fd for fds in slot.fds.values() for fd in fds)]
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "proxy.worker_process"], stdin=subprocess.PIPE,
+                pass_fds=passed, env=_worker_env(setup, self.metrics.directory))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        slot.process, slot.ready, slot.draining = process, False, False
+        slot.generation = self.generation
+        slot.last_heard = trio.current_time()
+        slot.answered = trio.Event()
+        self._notify_change()
+        return process, trio.lowlevel.FdStream(read_fd)
+
+    async def _read_control(self, slot: _Slot, control: trio.lowlevel.FdStream) -> None:
+        buf = b""
+        while data := await control.receive_some(4096):
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self._on_message(slot, line.decode("utf-8", "replace"))
+            if len(buf) > MAX_CONTROL_LINE:
+                buf = b""      # not a line a worker writes; drop it rather than grow
+
+    def _on_message(self, slot: _Slot, line: str) -> None:
+        assignments = dict(a.partition("=")[::2] for a in line.split("\t"))
+        slot.last_heard = trio.current_time()
+        if "STOPPING" in assignments:
+            slot.draining = True
+        if "READY" not in assignments:
+            return
+        slot.status = assignments.get("STATUS", "")
+        if slot.ready:
+            slot.answered.set()           # the end of a reload
+            return
+        slot.ready = True
+        log_event(log, logging.INFO, "worker-ready", worker=slot.index, pid=slot.process.pid if slot.process else "-")
+        if slot.generation < self.generation and slot.process is not None:
+            # Started before the last reload finished: it may have read the older files.
+            slot.generation = self.generation
+            slot.process.send_signal(signal.SIGHUP)
+        self._notify_change()
+
+    async def _watch_hang(self, slot: _Slot, process: trio.Process) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_SECONDS)
+            silent = trio.current_time() - slot.last_heard
+            if slot.ready and not slot.draining and silent > HANG_SECONDS:
+                log_event(log, logging.ERROR, "worker-hung", worker=slot.index, pid=process.pid,
+                          reason=f"no heartbeat for {silent:.0f}s; killing it")
+                process.kill()
+                return
+
+    # --- all of them ----------------------------------------------------------------------
+
+    async def reload(self, generation: int) -> list[str]:
+        """SIGHUP every running worker and wait for each to answer; returns the problems."""
+        self.generation = generation
+        targets = [s for s in self.slots if s.ready and s.process is not None and s.process.returncode is None]
+        for slot in targets:
+            slot.answered = trio.Event()
+            slot.generation = generation
+            slot.process.send_signal(signal.SIGHUP)
+        with trio.move_on_after(RELOAD_TIMEOUT):
+            for slot in targets:
+                await slot.answered.wait()
+        problems = []
+        for slot in targets:
+            if not slot.answered.is_set():
+                problems.append(f"worker {slot.index} did not finish reloading within {RELOAD_TIMEOUT:.0f}s")
+            elif slot.status.startswith("reload failed"):
+                problems.append(f"worker {slot.index}: {slot.status}")
+        return problems
+
+    async def stop(self, drain_seconds: float) -> None:
+        """SIGTERM every worker (each drains); SIGKILL what is left after the drain's bound."""
+        self.stopping = True
+        self._notify_change()
+        running = [s for s in self.slots if s.process is not None and s.process.returncode is None]
+        for slot in running:
+            # One that is still starting has no streams to drain, and may not listen to
+            # SIGTERM yet (proxy/worker_process.py ignores it until run_proxy is ready).
+            slot.process.send_signal(signal.SIGTERM if slot.ready else signal.SIGKILL)
+        running = [s.process for s in running]
+        with trio.move_on_after(drain_seconds + STOP_GRACE):
+            for process in running:
+                await process.wait()
+        for process in running:
+            if process.returncode is None:
+                log_event(log, logging.WARNING, "worker-killed", pid=process.pid,
+                          reason=f"still draining after {drain_seconds + STOP_GRACE:.0f}s")
+                process.kill()
+        for process in running:
+            await process.wait()
+
+
+def _worker_env(setup: WorkerSetup, metrics_dir: str) -> dict[str, str]:
+    # The worker must not believe systemd's notify socket, watchdog or listen fds are its own
+    # (NotifyAccess=main would drop its messages anyway): the supervisor speaks for it.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
+           and k.lower() != "prometheus_multiproc_dir"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    env[ENV_SETUP] = setup.to_environ()
+    # `python -m proxy.worker_process` must import this very proxy package, wherever it is.
+    root = str(Path(proxy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with {code}"
+
+
+# ----------------------------------------------------------------------------- the supervisor's main
+
+async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[str, list], *,
+                    notifier: Notifier | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Be the supervisor of `worker_count(server.workers)` workers until SIGTERM/SIGINT.
+
+    `holder` has loaded and checked the files; `metrics` records its loads; `activated` are
+    the socket-activated sockets by role (proxy.socket_activation.listen_fds)."""
+    from proxy.runner import DRAIN_SECONDS
+
+    notifier = notifier or Notifier()
+    cfg = holder.state.config
+    count = worker_count(cfg.server.workers)
+    addresses = {"inbound": cfg.inbound.listen, "outbound": cfg.outbound.listen,
+                 "websocket": cfg.inbound.websocket_listen}
+    owned: list[socket.socket] = []
+    slots: list[_Slot] = []
+    per_worker: list[dict[str, list[int]]] = [{} for _ in range(count)]
+    shown: dict[str, list[str]] = {}
+    metrics_dir = tempfile.mkdtemp(prefix="xmpp-dane-proxy-metrics.", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    try:
+        for role in ROLES:
+            if activated.get(role):
+                # One descriptor per address from systemd: every worker accepts on it.
+                for fds in per_worker:
+                    fds[role] = [s.fileno() for s in activated[role]]
+                shown[role] = [_describe(s) for s in activated[role]]
+                continue
+            copies = bind_reuseport(role, addresses[role], count)
+            for fds, sockets in zip(per_worker, copies):
+                fds[role] = [s.fileno() for s in sockets]
+                owned += sockets
+            shown[role] = [_describe(s) for s in copies[0]]
+        metrics_listeners = ([trio.SocketListener(s) for s in activated.get("metrics", [])]
+                             or await open_metrics_listeners(cfg.metrics.listen))
+        slots += [_Slot(i + 1, fds) for i, fds in enumerate(per_worker)]
+        supervisor = Supervisor(holder.path, slots, None, holder.state.generation)  # type: ignore[arg-type]
+        supervisor.metrics = ServiceMetrics(metrics, metrics_dir, supervisor.views)
+
+        async with trio.open_nursery() as nursery:
+            for slot in slots:
+                nursery.start_soon(supervisor.keep_running, slot)
+            try:
+                with trio.fail_after(START_TIMEOUT):
+                    await supervisor.wait_all_ready()
+            except trio.TooSlowError:
+                raise WorkerStartError(f"not every worker was ready within {START_TIMEOUT:.0f}s") from None
+            if metrics_listeners:
+                await nursery.start(serve_metrics, supervisor.metrics, metrics_listeners)
+            await nursery.start(_reload_on_sighup, holder, supervisor, notifier, count)
+            nursery.start_soon(notifier.watchdog_task)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
+                notifier.ready(f"serving {len(cfg.domains)} domains with {count} workers")
+                log_event(log, logging.INFO, "ready", workers=count,
+                          **{role: ",".join(shown.get(role, [])) or "-" for role in ROLES})
+                task_status.started(supervisor)
+                async for signum in stop_signals:
+                    log_event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name, workers=count)
+                    break
+            notifier.stopping()
+            await supervisor.stop(DRAIN_SECONDS)
+            nursery.cancel_scope.cancel()
+    except WorkerStartError as exc:
+        log_event(log, logging.ERROR, "start-failed", reason=str(exc))
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            # Only after a failure or cancellation: a clean stop has waited for every worker.
+            for slot in slots:
+                if slot.process is not None and slot.process.returncode is None:
+                    slot.process.kill()
+                    await slot.process.wait()
+        for sock in owned:
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _reload_on_sighup(holder: StateHolder, supervisor: Supervisor, notifier: Notifier, count: int,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """SIGHUP: load and check the files here; only if they are good, reload every worker."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            notifier.reloading("reloading configuration")
+            result = await holder.reload_async()
+            summary = result.summary()
+            if result.ok:
+                problems = await supervisor.reload(result.state.generation)
+                for problem in problems:
+                    log_event(log, logging.ERROR, "worker-reload-failed", reason=problem)
+                log_event(log, logging.INFO, "reloaded", generation=result.state.generation, workers=count,
+                          failed=len(problems))
+                summary += f", {count} workers" + (f"; {len(problems)} did not reload, see the log"
+                                                   if problems else "")
+            notifier.ready(summary)

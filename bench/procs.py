@@ -21,17 +21,20 @@ class ProcError(RuntimeError):
     """A benchmark process failed to start or answer; the message says which and why."""
 
 
-def _pin(core: int):
+def _pin(core: int | frozenset[int]):
+    cores = {core} if isinstance(core, int) else set(core)
+
     def pin() -> None:
-        # Same effect as `taskset -c CORE`: the process and every thread it creates run there.
-        os.sched_setaffinity(0, {core})
+        # Same effect as `taskset -c CORES`: the process and every thread (and child process)
+        # it creates run there.
+        os.sched_setaffinity(0, cores)
     return pin
 
 
 class Proc:
-    """A child process in its own process group, pinned to `core`, stderr to `log`."""
+    """A child process in its own process group, pinned to `core` (or a set of cores), stderr to `log`."""
 
-    def __init__(self, name: str, argv: list[str], *, core: int, log: Path, cwd: Path | None = None,
+    def __init__(self, name: str, argv: list[str], *, core: int | frozenset[int], log: Path, cwd: Path | None = None,
                  stops_at_eof: bool = True) -> None:
         self.name = name
         self.stops_at_eof = stops_at_eof

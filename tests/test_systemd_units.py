@@ -91,6 +91,7 @@ def test_service_unit_contract():
     assert svc["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert svc["ExecReload"][0] == f"{BINARY} check-config -c /etc/xmpp-dane-proxy/config.toml"
     assert svc["WatchdogSec"] == ["30s"]
+    assert svc["KillMode"] == ["mixed"]      # SIGTERM to the supervisor, which drains the workers
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
                        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
@@ -115,7 +116,7 @@ def test_socket_units_match_the_config_defaults_and_the_fd_names():
 def test_example_config_shows_exactly_the_defaults():
     cfg = load_config(SYSTEMD / "config.example.toml")
     builtin = Config()
-    for section in ("inbound", "outbound", "dns", "limits", "metrics", "log"):
+    for section in ("server", "inbound", "outbound", "dns", "limits", "metrics", "log"):
         assert getattr(cfg, section) == getattr(builtin, section), section
     assert dataclasses.replace(cfg.policy) == dataclasses.replace(builtin.policy)
     assert [d.name for d in cfg.domains] == ["example.org"]

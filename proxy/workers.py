@@ -183,10 +183,11 @@ class _Slot:
 class Supervisor:
     """Starts, watches, reloads and stops the N workers."""
 
-    def __init__(self, config_path: str, slots: list[_Slot], metrics: ServiceMetrics, generation: int) -> None:
+    def __init__(self, config_path: str, slots: list[_Slot], metrics: Metrics, metrics_dir: str,
+                 generation: int) -> None:
         self.config_path = config_path
         self.slots = slots
-        self.metrics = metrics
+        self.metrics = ServiceMetrics(metrics, metrics_dir, self.views)
         self.generation = generation
         self.stopping = False
         self.started = False
@@ -423,22 +424,24 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
         metrics_listeners = ([trio.SocketListener(s) for s in activated.get("metrics", [])]
                              or await open_metrics_listeners(cfg.metrics.listen))
         slots += [_Slot(i + 1, fds) for i, fds in enumerate(per_worker)]
-        supervisor = Supervisor(holder.path, slots, None, holder.state.generation)  # type: ignore[arg-type]
-        supervisor.metrics = ServiceMetrics(metrics, metrics_dir, supervisor.views)
+        supervisor = Supervisor(holder.path, slots, metrics, metrics_dir, holder.state.generation)
 
         async with trio.open_nursery() as nursery:
-            for slot in slots:
-                nursery.start_soon(supervisor.keep_running, slot)
-            try:
-                with trio.fail_after(START_TIMEOUT):
-                    await supervisor.wait_all_ready()
-            except trio.TooSlowError:
-                raise WorkerStartError(f"not every worker was ready within {START_TIMEOUT:.0f}s") from None
-            if metrics_listeners:
-                await nursery.start(serve_metrics, supervisor.metrics, metrics_listeners)
-            await nursery.start(_reload_on_sighup, holder, supervisor, notifier, count)
-            nursery.start_soon(notifier.watchdog_task)
+            # Signals are taken from the start: a SIGHUP or SIGTERM while the workers come up
+            # must not hit Python's default action (which would end the supervisor and orphan
+            # its workers); they are acted on once every worker is ready.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
+                await nursery.start(_reload_on_sighup, holder, supervisor, notifier, count)
+                nursery.start_soon(notifier.watchdog_task)
+                for slot in slots:
+                    nursery.start_soon(supervisor.keep_running, slot)
+                try:
+                    with trio.fail_after(START_TIMEOUT):
+                        await supervisor.wait_all_ready()
+                except trio.TooSlowError:
+                    raise WorkerStartError(f"not every worker was ready within {START_TIMEOUT:.0f}s") from None
+                if metrics_listeners:
+                    await nursery.start(serve_metrics, supervisor.metrics, metrics_listeners)
                 notifier.ready(f"serving {len(cfg.domains)} domains with {count} workers")
                 log_event(log, logging.INFO, "ready", workers=count,
                           **{role: ",".join(shown.get(role, [])) or "-" for role in ROLES})
@@ -446,8 +449,10 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
                 async for signum in stop_signals:
                     log_event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name, workers=count)
                     break
-            notifier.stopping()
-            await supervisor.stop(DRAIN_SECONDS)
+                notifier.stopping()
+                # Still inside the receiver: a second SIGTERM (or Ctrl-C) during the drain is
+                # absorbed; the drain has its own bound.
+                await supervisor.stop(DRAIN_SECONDS)
             nursery.cancel_scope.cancel()
     except WorkerStartError as exc:
         log_event(log, logging.ERROR, "start-failed", reason=str(exc))
@@ -470,7 +475,8 @@ async def _reload_on_sighup(holder: StateHolder, supervisor: Supervisor, notifie
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
-            notifier.reloading("reloading configuration")
+            if supervisor.started:     # before READY=1, systemd must not hear of reloads
+                notifier.reloading("reloading configuration")
             result = await holder.reload_async()
             summary = result.summary()
             if result.ok:
@@ -481,4 +487,5 @@ async def _reload_on_sighup(holder: StateHolder, supervisor: Supervisor, notifie
                           failed=len(problems))
                 summary += f", {count} workers" + (f"; {len(problems)} did not reload, see the log"
                                                    if problems else "")
-            notifier.ready(summary)
+            if supervisor.started:
+                notifier.ready(summary)

@@ -190,7 +190,9 @@ class Supervisor:
         self.metrics = ServiceMetrics(metrics, metrics_dir, self.views)
         self.generation = generation
         self.stopping = False
+        self._stop = trio.Event()      # set with `stopping`; wakes a delayed restart
         self.started = False
+        self.running_slots = 0         # keep_running tasks not yet returned
         self.start_failure: str | None = None
         self._changed = trio.Event()
 
@@ -216,6 +218,14 @@ class Supervisor:
 
     async def keep_running(self, slot: _Slot) -> None:
         """Run a worker in `slot`, restarting it whenever it dies, until the supervisor stops."""
+        self.running_slots += 1
+        try:
+            await self._keep_running(slot)
+        finally:
+            self.running_slots -= 1
+            self._notify_change()
+
+    async def _keep_running(self, slot: _Slot) -> None:
         while not self.stopping:
             if slot.restart_times or slot.restarts:
                 await self._restart_allowed(slot)
@@ -257,7 +267,8 @@ class Supervisor:
             delay = times[0] + RESTART_WINDOW - now
             log_event(log, logging.WARNING, "worker-restart-delayed", worker=slot.index, seconds=f"{delay:.1f}",
                       reason=f"{RESTART_BURST} restarts within {RESTART_WINDOW:.0f}s")
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
             times.popleft()
         times.append(trio.current_time())
 
@@ -344,6 +355,7 @@ class Supervisor:
     async def stop(self, drain_seconds: float) -> None:
         """SIGTERM every worker (each drains); SIGKILL what is left after the drain's bound."""
         self.stopping = True
+        self._stop.set()
         self._notify_change()
         running = [s for s in self.slots if s.process is not None and s.process.returncode is None]
         for slot in running:
@@ -361,6 +373,8 @@ class Supervisor:
                 process.kill()
         for process in running:
             await process.wait()
+        while self.running_slots:     # each slot logs how its worker ended
+            await self._changed.wait()
 
 
 def _worker_env(setup: WorkerSetup, metrics_dir: str) -> dict[str, str]:

@@ -62,6 +62,17 @@ async def one_stream_per_worker(proxy: ProxyProcess, port: int, identity, *, kee
     raise AssertionError(f"{MAX_TRIES} connections all went to worker(s) {sorted(found)}:\n" + "\n".join(proxy.lines))
 
 
+async def all_streams_closed(proxy: ProxyProcess, *, after: int = 0, but: int = 0) -> None:
+    """Until every stream judged from log line `after` on, but `but` of them, has logged its
+    end (matched by the peer's address; the peers' closes are asynchronous)."""
+    def peers(event: str) -> set[str]:
+        return {m.group(1) for line in proxy.lines[after:] if f"event={event} " in line
+                for m in [re.search(r" peer=(\S+)", line)] if m}
+    with trio.fail_after(15):
+        while len(peers("decision") - peers("stream-closed")) > but:
+            await proxy._changed.wait()
+
+
 def worker_pids(proxy: ProxyProcess, after: int = 0) -> dict[str, int]:
     """The latest pid of each worker, from the supervisor's `worker-started` lines."""
     pids = {}
@@ -136,6 +147,7 @@ def test_two_workers_share_a_port_reload_and_drain(world, tmp_path, notify_socke
                 # Only accepted streams' dialback reached the backend.
                 assert sum(bytes(c.received).count(b"<db:result") for c in backend.connections) == accepted
 
+                await all_streams_closed(proxy, but=len(held))
                 text = await scrape(metrics_port)
                 assert metric(text, "xmpp_dane_proxy_verdicts_total", direction="inbound",
                               verdict="accept", prooftype="dane-ee") == accepted
@@ -202,6 +214,7 @@ def test_killed_worker_is_restarted_logged_and_its_counts_kept(world, tmp_path):
                 await one_stream_per_worker(proxy, listen_port, world.peer_self, keep=False)
                 after = sum(1 for line in proxy.lines[mark:] if "event=decision" in line)
 
+                await all_streams_closed(proxy, after=mark)
                 text = await scrape(metrics_port)
                 assert metric(text, "xmpp_dane_proxy_worker_restarts_total", worker="2") == 1
                 assert metric(text, "xmpp_dane_proxy_worker_restarts_total", worker="1") == 0

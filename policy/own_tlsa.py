@@ -113,6 +113,7 @@ class Step:
     lines: tuple[str, ...]
     not_before: _dt.datetime | None
     why: str
+    after: str = ""     # an earlier step that must be done first ("switch")
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,9 @@ class OwnTlsaReport:
                                 f"2×TTL = {TTL_FACTOR * ttl} s (the TTL reported now; check the zone's own TTL)"))
             retire = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.retire]
             if retire:
-                out.append(Step("remove", tuple(retire), None,
-                                "after the switch: these match only the chain served now"))
+                switch = out[-1]
+                out.append(Step("remove", tuple(retire), switch.not_before,
+                                "after the switch: these match only the chain served now", after="switch"))
         stale = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.stale]
         if stale:
             out.append(Step("remove", tuple(stale), None,

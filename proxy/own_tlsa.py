@@ -156,14 +156,23 @@ class OwnTlsaGuard:
 
     async def check_state(self, state: Any, when: str) -> dict[str, OwnTlsaReport]:
         """Check every domain of a `proxy.reload.RuntimeState`; log and record each."""
+        found: dict[str, tuple[OwnTlsaReport, str]] = {}
+
+        async def one(dom: DomainConfig, chain: Sequence) -> None:
+            found[dom.name] = await report_for(dom, chain, self.resolver, trust=state.trust)
+
+        # All domains at once: a resolver outage then costs one lookup budget, not one per domain.
+        async with trio.open_nursery() as nursery:
+            for dom in state.config.domains:
+                material = state.domains.get(dom.name)
+                if material is not None:
+                    nursery.start_soon(one, dom, material.chain)
         out: dict[str, OwnTlsaReport] = {}
         for dom in state.config.domains:
-            material = state.domains.get(dom.name)
-            if material is None:
-                continue
-            report, problem = await report_for(dom, material.chain, self.resolver, trust=state.trust)
-            self._record(report, problem, when, dom.cert)
-            out[dom.name] = report
+            if dom.name in found:
+                report, problem = found[dom.name]
+                self._record(report, problem, when, dom.cert)
+                out[dom.name] = report
         return out
 
     async def vet_reload(self, old: Any, new: Any, force: bool) -> list[str]:
@@ -258,7 +267,8 @@ def render_report(report: OwnTlsaReport, *, served_source: str, problem: str = "
         lines.append("")
         lines.append("Steps (RFC 7671 §8.1: publish, wait >= 2xTTL, switch, then remove the old record)")
         for n, step in enumerate(steps, 1):
-            lines.append(f"  {n}. {step.action} (safe from {_iso(step.not_before)}): {step.why}")
+            when = f"once the {step.after} is done" if step.after else f"safe from {_iso(step.not_before)}"
+            lines.append(f"  {n}. {step.action} ({when}): {step.why}")
             lines += [f"       {line}" for line in step.lines]
     return "\n".join(lines)
 
@@ -275,7 +285,7 @@ def _report_obj(report: OwnTlsaReport, problem: str) -> dict[str, Any]:
                    "served_match": str(s.served) if s.served else None,
                    "next_match": str(s.next) if s.next else None} for s in report.sites],
         "steps": [{"action": st.action, "records": list(st.lines), "not_before": _iso(st.not_before),
-                   "why": st.why} for st in report.steps()],
+                   "after": st.after or None, "why": st.why} for st in report.steps()],
     }
 
 

@@ -465,11 +465,12 @@ async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, 
 
 
 async def run_check(domain: str, *, config: str | Path | Config | None = None, nameserver: str | None = None,
-                    as_json: bool = False, out: TextIO = sys.stdout, err: TextIO | None = None,
+                    as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None,
                     posh: PoshFetcher | None = None, inbound: bool = False, cert: str | None = None) -> int:
     """The `check` command: print the findings for DOMAIN; return the exit status (§5).
     `inbound`: the inbound rules (proxy/check_inbound.py), for a peer presenting `cert`."""
     err = err if err is not None else sys.stderr
+    out = out if out is not None else sys.stdout
     d = normalise_domain(domain)
     if not d or any(c in d for c in "@/ "):
         print(f"xmpp-dane-proxy check: error: {domain!r} is not a domain name", file=err)

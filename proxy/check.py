@@ -85,6 +85,11 @@ class RecordingResolver:
         self.answers[answer.key] = answer
         return answer
 
+    @property
+    def inner(self) -> Resolver:
+        """The resolver being recorded."""
+        return self._inner
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -427,13 +432,16 @@ async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, 
     d = normalise_domain(domain)
     policy = policies.for_domain(d)
     recorder = resolver if isinstance(resolver, RecordingResolver) else RecordingResolver(resolver)
+    # The POSH fetcher and host-meta discovery are shared per resolver (their caches, and
+    # the test overrides); they belong to the real one, not to this recording view of it.
+    base = recorder.inner
     result = CheckResult(d, policy, recorder, client)
     if policy.require == "block":
         result.domain_verdict = decide([], Evidence(domain=d), policy, trust=trust)
         return result
     fetcher = None
     if _uses_posh(policy):
-        fetcher = posh if posh is not None else shared_fetcher(recorder)
+        fetcher = posh if posh is not None else shared_fetcher(base)
     peer = await gather(d, recorder, static_srv=policy.srv, static_tlsa=policy.tlsa)
     result.evidence = peer
     if peer.failed:
@@ -443,7 +451,7 @@ async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, 
         result.posh = await fetcher.fetch(d, trust=trust)
     use_tcp, use_ws = "tcp" in policy.transports, "websocket" in policy.transports
     if use_ws:
-        result.websocket = await discoverer_for(recorder).discover(d, trust=trust)
+        result.websocket = await discoverer_for(base).discover(d, trust=trust)
     if not peer.targets and not use_ws:
         why = ("it publishes no XMPP server-to-server service (SRV target '.')" if peer.no_service
                else "DNS gave no server to connect to")
@@ -458,8 +466,8 @@ async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, 
     if use_ws:
         for url in result.websocket.urls:
             attempt, _ = await attempt_websocket(peer, url, policy=policy, trust=trust, contexts=contexts,
-                                                 local_domain=client, resolver=recorder, timeout=timeout,
-                                                 keep_open=False, overrides=discoverer_for(recorder).overrides)
+                                                 local_domain=client, resolver=base, timeout=timeout,
+                                                 keep_open=False, overrides=discoverer_for(base).overrides)
             result.attempts.append(attempt)
     return result
 

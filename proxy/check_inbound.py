@@ -155,7 +155,10 @@ async def check_inbound(domain: str, *, resolver: Any, policies: PolicySet, trus
         # decide() rejects a blocked domain before looking at any evidence: nothing to look up.
         result.verdict = decide(list(chain), Evidence(domain=domain), policy, trust=trust)
         return result
-    evidence_for = dns_evidence(resolver)
+    from proxy.posh_fetch import shared_fetcher
+
+    # The POSH fetcher is shared per resolver: the real one's, as the proxy uses it.
+    evidence_for = dns_evidence(resolver, posh=shared_fetcher(getattr(resolver, "inner", resolver)))
     result.evidence = await evidence_for(domain, policy)
     result.verdict, _posh = await decide_with_posh(list(chain), result.evidence, policy, trust=trust,
                                                    fetcher=evidence_for.posh)

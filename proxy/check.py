@@ -6,13 +6,19 @@ TLSA, each with its DNSSEC status), then for *every* target — not just until o
 accepted — connects, negotiates STARTTLS or Direct TLS, shows the chain the server presented
 and the verdict of DOMAIN's policy on it, with the reason.  The connection code is the
 proxy's own (`proxy.connect.attempt_target`), so a verdict here is the proxy's verdict.
-DOMAIN's POSH document (RFC 7711) is fetched and shown too, with whether each target's
-certificate matches it; the verdicts use it only where the policy does (`posh`, `require`).
+Only what the policy can use is looked up, as the proxy would: DOMAIN's POSH document (RFC
+7711) only when the policy uses POSH (`require = "posh"`, `posh = true`), host-meta and its
+WebSocket endpoints only when `transports` names "websocket", TCP targets only when it names
+"tcp"; a blocked domain needs no lookup, and a failed SRV lookup ends the check (the domain
+fails closed), so a resolver that is down costs one lookup timeout, not several.  Answers
+are shown with their status and what they said (`secure, NXDOMAIN`, `insecure, NODATA`).
+`--inbound` applies the inbound rules instead (proxy/check_inbound.py).
 
 Settings: `-c FILE` gives the resolver (`[dns]`), the policy directory and trust store
 (`[policy]`), the per-target timeout (`limits.handshake_timeout`) and the client certificate
 (the first `[[domain]]`, as the proxy would present it); `--nameserver HOST[:PORT]` replaces
-the resolver.  Without a file: resolver 127.0.0.1 (a local validating unbound, as the proxy
+the resolver.  Without `-c`, /etc/xmpp-dane-proxy/config.toml is used when it exists (as
+`run` does); without any file: resolver 127.0.0.1 (a local validating unbound, as the proxy
 expects), the built-in default policy, the system trust store, no client certificate.
 
 Exit status: 0 when every target was accepted, 1 when any was rejected or could not be

@@ -17,11 +17,10 @@ from policy.decide import decide
 from policy.evidence import DnsStatus, Evidence
 from policy.pkix import TrustStore, TrustStoreError
 from policy.pkix_names import normalise_domain
-from policy.policyfile import (DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy,
-                               PolicyError, PolicySet)
+from policy.policyfile import DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy
 from policy.tlsa import parse_tlsa_lenient, record_for
 from proxy import certfiles
-from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from proxy.config import DEFAULT_CONFIG_PATH
 
 EXIT_OK, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
 _DNSSEC_CHOICES = ("secure", "insecure", "bogus")
@@ -206,41 +205,15 @@ def cmd_tlsa(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    errors: list[str] = []
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.messages:
-            print(line, file=sys.stderr)
+    from proxy.check_config import check_config_file
+
+    report = check_config_file(args.config)
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if not report.ok:
         return EXIT_REJECT
-    policies = None
-    try:
-        policies = PolicySet.load(cfg.policy.dir or None)
-    except PolicyError as exc:
-        errors.extend(exc.messages)
-    if cfg.policy.ca_file:
-        try:
-            TrustStore.load(cfg.policy.ca_file)
-        except TrustStoreError as exc:
-            errors.append(f"{cfg.path}:0: policy.ca_file: {exc}")
-    for dom in cfg.domains:
-        errors.extend(check_domain_files(cfg.path, dom.name, dom.cert, dom.key))
-    if errors:
-        for line in errors:
-            print(line, file=sys.stderr)
-        return EXIT_REJECT
-    count = policies.files if policies else 0
-    print(f"{cfg.path}: ok ({len(cfg.domains)} domains, {count} policy files)")
+    print(report.summary())
     return EXIT_OK
-
-
-def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:
-    """Problems with a local domain's certificate and key, as `file:line: message` lines."""
-    try:
-        certfiles.load_identity(cert_path, key_path)
-    except certfiles.CertFileError as exc:
-        return [f"{config_path}:0: domain {name}: {exc}"]
-    return []
 
 
 def cmd_run(args: argparse.Namespace) -> int:

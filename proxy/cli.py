@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--host", default=None)
     t.add_argument("--port", type=int, default=5269)
 
+    cp = sub.add_parser("contrib-path", help="print where the backends' modules (contrib/) are installed",
+                        description="Print the directory of the installed backend modules, for "
+                                    "Prosody's plugin_paths or ejabberd's modules directory.")
+    cp.add_argument("backend", nargs="?", default=None,
+                    help="a backend (prosody, ejabberd): print its subdirectory instead of contrib/ itself")
+
     ch = sub.add_parser("check", help="live check of a peer domain")
     ch.add_argument("domain")
     ch.add_argument("-c", "--config", default=None)
@@ -80,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "verify": cmd_verify,
-               "tlsa": cmd_tlsa, "check": cmd_check}[args.command]
+               "tlsa": cmd_tlsa, "check": cmd_check, "contrib-path": cmd_contrib_path}[args.command]
     try:
         return handler(args)
     except BadInput as exc:
@@ -252,3 +258,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     return trio.run(functools.partial(run_check, args.domain, config=args.config,
                                       nameserver=args.nameserver, as_json=args.json))
+
+
+def cmd_contrib_path(args: argparse.Namespace) -> int:
+    from proxy.contrib_path import backends, contrib_dir
+
+    root = contrib_dir()
+    if root is None:
+        raise BadInput("contrib/ is not installed with this copy of the proxy; reinstall it with pip")
+    if args.backend is None:
+        print(root)
+    elif args.backend in backends():
+        print(root / args.backend)
+    else:
+        raise BadInput(f"no modules for {args.backend!r} (there are: {', '.join(backends())})")
+    return EXIT_OK

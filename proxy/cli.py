@@ -246,6 +246,7 @@ def check_domain_files(config_path: str, name: str, cert_path: str, key_path: st
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from proxy.listen import ListenError
     from proxy.reload import StateLoadError
     from proxy.runner import run_proxy
     from proxy.socket_activation import SocketActivationError
@@ -259,9 +260,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SocketActivationError as exc:
         print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
         return EXIT_REJECT
+    except ListenError as exc:
+        # EADDRINUSE / EACCES when binding a listen address: the message names it.
+        print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
+        return EXIT_REJECT
     except OSError as exc:
-        # Typically EADDRINUSE / EACCES when binding a listen address.
-        print(f"xmpp-dane-proxy run: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        print(f"xmpp-dane-proxy run: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REJECT
     return EXIT_OK
 

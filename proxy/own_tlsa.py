@@ -42,7 +42,8 @@ from proxy.certfiles import CertFileError, read_chain
 from proxy.config import DomainConfig
 from proxy.logsetup import log_event
 
-__all__ = ["CHECK_INTERVAL", "OwnTlsaGuard", "find_sites", "load_next_key", "render_report", "run_tlsa_check"]
+__all__ = ["CHECK_INTERVAL", "OwnTlsaGuard", "find_sites", "load_next_key", "next_key_problems", "render_report",
+           "run_tlsa_check"]
 
 log = logging.getLogger("xmpp_dane_proxy.own_tlsa")
 
@@ -98,6 +99,19 @@ def load_next_key(dom: DomainConfig) -> NextKey | None:
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != spki:
             raise CertFileError(f"{dom.next_key} does not belong to the first certificate of {dom.next_cert}")
     return NextKey(chain, spki, dom.next_cert or dom.next_key)
+
+
+def next_key_problems(doc: Any, dom: DomainConfig) -> list[str]:
+    """`check-config`: a staged `next_cert`/`next_key` that cannot be used, as `file:line: message`
+    at the line of the key (`doc` is the config's `policy.tomlfile.TomlDocument`)."""
+    try:
+        load_next_key(dom)
+    except CertFileError as exc:
+        text = str(exc)
+        key = "next_key" if dom.next_key and text.startswith(dom.next_key) else "next_cert"
+        at = doc.where(key, "domain", dom.index) if dom.index >= 0 else f"{doc.path}:0"
+        return [f"{at}: domain {dom.name}: {text}"]
+    return []
 
 
 async def report_for(dom: DomainConfig, chain: Sequence, resolver: Resolver, *, trust: TrustStore | None,

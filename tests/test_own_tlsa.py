@@ -225,3 +225,20 @@ def test_reload_refuses_a_certificate_peers_reject_unless_forced(dns_env, tmp_pa
                 await proxy.exit_code()
 
     trio.run(main)
+
+
+def test_check_config_reports_a_bad_staged_next_key_at_its_line(tmp_path, capsys):
+    current, other = self_signed(["home.example"]), self_signed(["home.example"])
+    cert, key = current.write(tmp_path, "current")
+    next_cert, _ = current.write(tmp_path, "next")
+    _, wrong_key = other.write(tmp_path, "other")
+    (tmp_path / "policy.d").mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[policy]\ndir = "policy.d"\n[[domain]]\nname = "home.example"\ncert = "{cert}"\n'
+                      f'key = "{key}"\nnext_cert = "{next_cert}"\nnext_key = "{wrong_key}"\n')
+    assert cli_main(["check-config", "-c", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}:8: domain home.example: {wrong_key} does not belong to the first certificate of {next_cert}" in err
+    config.write_text(config.read_text().replace(f'next_key = "{wrong_key}"\n', 'next_key = "missing.key"\n'))
+    assert cli_main(["check-config", "-c", str(config)]) == 1
+    assert f"{config}:8: domain home.example: {tmp_path / 'missing.key'}: cannot read" in capsys.readouterr().err

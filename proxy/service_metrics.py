@@ -30,14 +30,15 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from proxy.metrics import PREFIX, Metrics
 
-# Families the supervisor owns: it loads and reloads the configuration (the workers' copies
-# of these would count every reload N + 1 times).
+# Families the supervisor owns: it loads, vets and reloads the configuration (the workers'
+# copies of these would count every reload N + 1 times).
 SUPERVISOR_FAMILIES = frozenset({
     f"{PREFIX}_config_reloads",
     f"{PREFIX}_config_last_reload_successful",
     f"{PREFIX}_config_last_reload_success_timestamp_seconds",
     f"{PREFIX}_certificate_expiry_timestamp_seconds",
     f"{PREFIX}_build_info",
+    f"{PREFIX}_own_tlsa_match",          # the own-TLSA guard runs in the supervisor only
 })
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -150,7 +150,7 @@ def main() -> int:
     # the drain), SIGTERM/SIGINT/SIGHUP must not kill the worker with Python's default action:
     # systemd (KillMode=control-group) or a terminal's Ctrl-C signal the whole group at once,
     # and the supervisor forwards the same signal a moment later.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     setup = WorkerSetup.from_environ(os.environ.pop(ENV_SETUP))
     set_process_fields(worker=setup.index)

@@ -46,8 +46,11 @@ import trio
 
 import proxy
 from proxy.config import parse_hostport
+from proxy.listen import ListenError
 from proxy.logsetup import log_event
+from policy.dns import Resolver
 from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
+from proxy.own_tlsa import OwnTlsaGuard
 from proxy.reload import StateHolder
 from proxy.sdnotify import Notifier
 from proxy.service_metrics import ServiceMetrics, WorkerView
@@ -88,11 +91,11 @@ def worker_count(configured: int) -> int:
 
 # ----------------------------------------------------------------------------- listening sockets
 
-def bind_reuseport(role: str, addresses: Sequence[str], copies: int) -> list[list[socket.socket]]:
+def bind_reuseport(addresses: Sequence[str], copies: int) -> list[list[socket.socket]]:
     """`copies` listening sockets per address (SO_REUSEPORT), as one list per worker.
 
     `[::]:P` and `*:P` mean every IPv4 and IPv6 address, as in proxy.server.open_listeners.
-    An address already in use is an OSError naming the role and address.
+    An address that cannot be bound is a proxy.listen.ListenError naming it, as with one process.
     """
     per_worker: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
@@ -103,17 +106,17 @@ def bind_reuseport(role: str, addresses: Sequence[str], copies: int) -> list[lis
                 infos = socket.getaddrinfo(None if wildcard else host, port, type=socket.SOCK_STREAM,
                                            flags=socket.AI_PASSIVE)
             except socket.gaierror as exc:
-                raise OSError(errno.EADDRNOTAVAIL, f"{role} listen address {entry}: {exc.strerror}") from None
+                raise ListenError(entry, OSError(errno.EADDRNOTAVAIL, exc.strerror)) from None
             seen = set()
             for family, _, _, _, sockaddr in infos:
                 if sockaddr in seen:
                     continue
                 seen.add(sockaddr)
                 if port != 0:
-                    _refuse_if_in_use(family, sockaddr, role, entry)
+                    _refuse_if_in_use(family, sockaddr, entry)
                 address = sockaddr
                 for sockets in per_worker:
-                    sock = _reuseport_listener(family, address, role, entry)
+                    sock = _reuseport_listener(family, address, entry)
                     sockets.append(sock)
                     address = sock.getsockname()   # port 0: every copy takes the port the first got
     except BaseException:
@@ -124,7 +127,7 @@ def bind_reuseport(role: str, addresses: Sequence[str], copies: int) -> list[lis
     return per_worker
 
 
-def _refuse_if_in_use(family: int, address, role: str, entry: str) -> None:
+def _refuse_if_in_use(family: int, address, entry: str) -> None:
     # SO_REUSEPORT would let us join another process's group on the same port (same user)
     # and silently share its connections — e.g. a second proxy started by mistake.  A plain
     # bind first fails with EADDRINUSE if anything listens there, as a single process would.
@@ -135,12 +138,12 @@ def _refuse_if_in_use(family: int, address, role: str, entry: str) -> None:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind(address)
     except OSError as exc:
-        raise OSError(exc.errno, f"{role} listen address {entry}: {exc.strerror}") from None
+        raise ListenError(entry, exc) from None
     finally:
         probe.close()
 
 
-def _reuseport_listener(family: int, address, role: str, entry: str) -> socket.socket:
+def _reuseport_listener(family: int, address, entry: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -152,7 +155,7 @@ def _reuseport_listener(family: int, address, role: str, entry: str) -> socket.s
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"{role} listen address {entry}: {exc.strerror}") from None
+        raise ListenError(entry, exc) from None
     return sock
 
 
@@ -405,12 +408,17 @@ def _exit_status(code: int | None) -> str:
 # ----------------------------------------------------------------------------- the supervisor's main
 
 async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[str, list], *,
-                    notifier: Notifier | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    resolver: Resolver, notifier: Notifier | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Be the supervisor of `worker_count(server.workers)` workers until SIGTERM/SIGINT.
 
     `holder` has loaded and checked the files; `metrics` records its loads; `activated` are
-    the socket-activated sockets by role (proxy.socket_activation.listen_fds)."""
+    the socket-activated sockets by role (proxy.socket_activation.listen_fds); `resolver` is
+    for the own-TLSA guard (proxy/own_tlsa.py), which runs here, once for all workers."""
     from proxy.runner import DRAIN_SECONDS
+
+    own_tlsa = OwnTlsaGuard(resolver, metrics=metrics)
+    holder.vet = own_tlsa.vet_reload
 
     notifier = notifier or Notifier()
     cfg = holder.state.config
@@ -430,7 +438,7 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
                     fds[role] = [s.fileno() for s in activated[role]]
                 shown[role] = [_describe(s) for s in activated[role]]
                 continue
-            copies = bind_reuseport(role, addresses[role], count)
+            copies = bind_reuseport(addresses[role], count)
             for fds, sockets in zip(per_worker, copies):
                 fds[role] = [s.fileno() for s in sockets]
                 owned += sockets
@@ -447,6 +455,7 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
                 await nursery.start(_reload_on_sighup, holder, supervisor, notifier, count)
                 nursery.start_soon(notifier.watchdog_task)
+                await nursery.start(own_tlsa.run, holder)
                 for slot in slots:
                     nursery.start_soon(supervisor.keep_running, slot)
                 try:
@@ -485,13 +494,16 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
 
 async def _reload_on_sighup(holder: StateHolder, supervisor: Supervisor, notifier: Notifier, count: int,
                             task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """SIGHUP: load and check the files here; only if they are good, reload every worker."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+    """SIGHUP: load and check the files here; only if they are good, reload every worker.
+
+    SIGUSR2 is the same reload forced past the own-TLSA guard (proxy/own_tlsa.py), as in a
+    single process; the workers then get a plain SIGHUP (they do not vet: this process did)."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR2) as signals:
         task_status.started()
-        async for _ in signals:
+        async for signum in signals:
             if supervisor.started:     # before READY=1, systemd must not hear of reloads
                 notifier.reloading("reloading configuration")
-            result = await holder.reload_async()
+            result = await holder.reload_async(force=signum == signal.SIGUSR2)
             summary = result.summary()
             if result.ok:
                 problems = await supervisor.reload(result.state.generation)

@@ -303,7 +303,7 @@ def test_port_in_use_is_refused_even_with_reuseport(world, tmp_path):  # noqa: F
         import subprocess
         out = subprocess.run(proxy_argv(config), env=base_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
-    assert f"inbound listen address 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert f"xmpp-dane-proxy run: cannot listen on 127.0.0.1:{port}: Address already in use\n" in out.stderr
 
 
 def test_workers_key(tmp_path):

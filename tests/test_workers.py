@@ -21,7 +21,7 @@ from proxy.workers import worker_count
 from proxy.xmlstream import NS_STREAM_ERRORS, NS_STREAMS, Element, StreamClosed
 from test_inbound_openssl import LOCAL, PEER, FakeBackend, Peer, world  # noqa: F401  (fixture)
 from test_run_process import (
-    ProxyProcess, authenticate, backend_saw, base_env, dane_policy, free_port, metric, notify_socket,  # noqa: F401
+    ProxyProcess, backend_saw, base_env, dane_policy, free_port, metric, notify_socket,  # noqa: F401
     proxy_argv, scrape, write_config,
 )
 

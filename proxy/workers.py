@@ -236,6 +236,8 @@ class Supervisor:
                     return
             process, control = await self._spawn(slot)
             log_event(log, logging.INFO, "worker-started", worker=slot.index, pid=process.pid)
+            if self.stopping:
+                process.kill()      # spawned while stop() was signalling the others
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_control, slot, control)
                 nursery.start_soon(self._watch_hang, slot, process)

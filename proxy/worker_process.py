@@ -157,13 +157,14 @@ def main() -> int:
     # The supervisor loaded and checked these files first and logged their warnings and
     # reload results once; N workers repeating them would only be noise.  Errors still show.
     logging.getLogger("xmpp_dane_proxy.reload").setLevel(logging.ERROR)
+    problems: list[str] = []
     try:
         trio.run(run_worker, setup)
-    except StateLoadError as exc:
-        for line in exc.messages:
-            print(f"worker {setup.index}: {line}", file=sys.stderr)
-        return 1
-    return 0
+    except* StateLoadError as group:     # from inside run_worker's nursery: in a group
+        problems = [line for exc in group.exceptions for line in getattr(exc, "messages", [str(exc)])]
+    for line in problems:
+        print(f"worker {setup.index}: {line}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ becomes the **supervisor**:
   reloads exactly as a single process does (streams stay), READY=1 when all have answered;
 - SIGTERM/SIGINT: SIGTERM to every worker, each drains as a single process does; exit 0;
 - a worker that dies (or whose event loop stops answering for HANG_SECONDS) is restarted and
-  logged, at most RESTART_BURST times per RESTART_WINDOW each; beyond that the restarts wait;
+  logged; one that keeps dying soon after its start is restarted after a growing delay;
 - `/metrics`: proxy/service_metrics.py.
 
 `workers = 1` runs no supervisor at all: the one process is the proxy, exactly as before, so
@@ -28,7 +28,6 @@ the simple case keeps one process, one log and nothing new that could fail.
 """
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
@@ -58,11 +57,13 @@ from proxy.worker_process import ENV_SETUP, HEARTBEAT_SECONDS, MAX_CONTROL_LINE,
 
 log = logging.getLogger("xmpp_dane_proxy.workers")
 
-# A worker that dies is restarted at once up to RESTART_BURST times per RESTART_WINDOW; more
-# often than that it is crashing in a loop, and each further restart waits, so a crash loop
-# costs at most 5 starts (and their log lines) a minute instead of a busy core.
-RESTART_BURST = 5
+# A worker that dies after running RESTART_WINDOW is restarted at once.  One that dies sooner
+# is crashing in a loop (a bug it hits at start, files on disk that do not load): each further
+# restart waits twice as long, 1 s, 2 s, 4 s … up to RESTART_BACKOFF_MAX, so a crash loop costs
+# a start (and its log lines) every 30 s instead of a busy core, and a fixed cause is picked up
+# within 30 s.
 RESTART_WINDOW = 60.0
+RESTART_BACKOFF_MAX = 30.0
 # Loading every file and building TLS contexts takes well under a second; a minute is room
 # for a slow disk or a loaded machine before start-up (or a reload) is declared failed.
 START_TIMEOUT = 60.0
@@ -168,10 +169,18 @@ def _describe(sock: socket.socket) -> str:
 
 @dataclass
 class _Slot:
-    """Worker number `index` and whatever process currently fills it."""
+    """Worker number `index` and whatever process currently fills it.
+
+    `own` are the SO_REUSEPORT sockets bound for this worker alone, `shared` the descriptors
+    every worker gets (socket activation).  When the worker dies its own sockets are closed at
+    once — else the kernel would keep queueing new connections on them, where nobody accepts
+    until the restart (for ever, if the restart keeps failing) — and bound afresh before the
+    next start.  The connections already queued there are reset; peers retry."""
 
     index: int
-    fds: dict[str, list[int]]
+    own: dict[str, list[socket.socket]]
+    shared: dict[str, list[int]]
+    addresses: dict[str, list[tuple[int, object, str]]] = field(default_factory=dict)  # role -> (family, sockaddr, entry)
     process: trio.Process | None = None
     ready: bool = False            # answered READY=1 since it was started
     draining: bool = False         # said STOPPING=1
@@ -179,8 +188,37 @@ class _Slot:
     status: str = ""               # STATUS= of its last READY=1
     last_heard: float = 0.0
     restarts: int = 0
-    restart_times: collections.deque = field(default_factory=collections.deque)
+    backoff: float = 0.0           # seconds to wait before the next restart
     answered: trio.Event = field(default_factory=trio.Event)   # READY=1 after a reload, or exit
+
+    def __post_init__(self) -> None:
+        self.addresses = {role: [(s.family, s.getsockname(), _describe(s)) for s in socks]
+                          for role, socks in self.own.items()}
+
+    @property
+    def fds(self) -> dict[str, list[int]]:
+        return {**self.shared, **{role: [s.fileno() for s in socks] for role, socks in self.own.items()}}
+
+    def close_own(self) -> None:
+        for socks in self.own.values():
+            for sock in socks:
+                sock.close()
+        self.own = {}
+
+    def rebind_own(self) -> None:
+        """Bind this worker's SO_REUSEPORT sockets again (after `close_own`); ListenError if not."""
+        if self.own or not self.addresses:
+            return
+        own: dict[str, list[socket.socket]] = {}
+        try:
+            for role, addresses in self.addresses.items():
+                own[role] = [_reuseport_listener(family, sockaddr, entry) for family, sockaddr, entry in addresses]
+        except BaseException:
+            for socks in own.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        self.own = own
 
 
 class Supervisor:
@@ -230,11 +268,20 @@ class Supervisor:
 
     async def _keep_running(self, slot: _Slot) -> None:
         while not self.stopping:
-            if slot.restart_times or slot.restarts:
-                await self._restart_allowed(slot)
+            if slot.backoff:
+                with trio.move_on_after(slot.backoff):
+                    await self._stop.wait()
                 if self.stopping:
                     return
+            try:
+                slot.rebind_own()
+            except ListenError as exc:
+                slot.backoff = min(max(1.0, 2 * slot.backoff), RESTART_BACKOFF_MAX)
+                log_event(log, logging.ERROR, "worker-bind-failed", worker=slot.index, reason=str(exc),
+                          delay=f"{slot.backoff:.0f}s")
+                continue
             process, control = await self._spawn(slot)
+            started = trio.current_time()
             log_event(log, logging.INFO, "worker-started", worker=slot.index, pid=process.pid)
             if self.stopping:
                 process.kill()      # spawned while stop() was signalling the others
@@ -259,23 +306,13 @@ class Supervisor:
                                       f"before it was ready; see its lines above")
                 self._notify_change()
                 return
+            slot.close_own()
             slot.restarts += 1
+            lived = trio.current_time() - started
+            slot.backoff = (0.0 if lived >= RESTART_WINDOW
+                            else min(max(1.0, 2 * slot.backoff), RESTART_BACKOFF_MAX))
             log_event(log, logging.ERROR, "worker-exited", worker=slot.index, pid=process.pid,
-                      status=_exit_status(code), action="restart")
-
-    async def _restart_allowed(self, slot: _Slot) -> None:
-        now = trio.current_time()
-        times = slot.restart_times
-        while times and now - times[0] >= RESTART_WINDOW:
-            times.popleft()
-        if len(times) >= RESTART_BURST:
-            delay = times[0] + RESTART_WINDOW - now
-            log_event(log, logging.WARNING, "worker-restart-delayed", worker=slot.index, seconds=f"{delay:.1f}",
-                      reason=f"{RESTART_BURST} restarts within {RESTART_WINDOW:.0f}s")
-            with trio.move_on_after(delay):
-                await self._stop.wait()
-            times.popleft()
-        times.append(trio.current_time())
+                      status=_exit_status(code), action="restart", delay=f"{slot.backoff:.0f}s")
 
     async def _spawn(self, slot: _Slot) -> tuple[trio.Process, trio.lowlevel.FdStream]:
         read_fd, write_fd = os.pipe()
@@ -427,27 +464,25 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
     count = worker_count(cfg.server.workers)
     addresses = {"inbound": cfg.inbound.listen, "outbound": cfg.outbound.listen,
                  "websocket": cfg.inbound.websocket_listen}
-    owned: list[socket.socket] = []
     slots: list[_Slot] = []
-    per_worker: list[dict[str, list[int]]] = [{} for _ in range(count)]
+    own: list[dict[str, list[socket.socket]]] = [{} for _ in range(count)]
+    shared: dict[str, list[int]] = {}
     shown: dict[str, list[str]] = {}
     metrics_dir = tempfile.mkdtemp(prefix="xmpp-dane-proxy-metrics.", dir=os.environ.get("RUNTIME_DIRECTORY"))
     try:
         for role in ROLES:
             if activated.get(role):
                 # One descriptor per address from systemd: every worker accepts on it.
-                for fds in per_worker:
-                    fds[role] = [s.fileno() for s in activated[role]]
+                shared[role] = [s.fileno() for s in activated[role]]
                 shown[role] = [_describe(s) for s in activated[role]]
                 continue
             copies = bind_reuseport(addresses[role], count)
-            for fds, sockets in zip(per_worker, copies):
-                fds[role] = [s.fileno() for s in sockets]
-                owned += sockets
+            for mine, sockets in zip(own, copies):
+                mine[role] = sockets
             shown[role] = [_describe(s) for s in copies[0]]
         metrics_listeners = ([trio.SocketListener(s) for s in activated.get("metrics", [])]
                              or await open_metrics_listeners(cfg.metrics.listen))
-        slots += [_Slot(i + 1, fds) for i, fds in enumerate(per_worker)]
+        slots += [_Slot(i + 1, mine, shared) for i, mine in enumerate(own)]
         supervisor = Supervisor(holder.path, slots, metrics, metrics_dir, holder.state.generation)
 
         async with trio.open_nursery() as nursery:
@@ -489,8 +524,12 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
                 if slot.process is not None and slot.process.returncode is None:
                     slot.process.kill()
                     await slot.process.wait()
-        for sock in owned:
-            sock.close()
+        for mine in own:            # the ones bound at start (a slot may have rebound since)
+            for sockets in mine.values():
+                for sock in sockets:
+                    sock.close()
+        for slot in slots:
+            slot.close_own()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -248,6 +248,48 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_worker_restarted_while_the_files_are_broken_recovers(world, tmp_path):  # noqa: F811
+    """A worker restarted while a broken file is on disk (refused by the supervisor's reload)
+    cannot load it: it exits, is logged and retried, the other worker serves on with the old
+    configuration, and once the file is fixed the retried worker comes up."""
+    listen_port = free_port()
+    policy_file = tmp_path / "policy.d" / f"{PEER}.toml"
+
+    async def main():
+        backend = FakeBackend()
+        async with backend.running(), trio.open_nursery() as nursery:
+            config = write_config(tmp_path, world, backend.port, listen_port=listen_port,
+                                  metrics_port=free_port(), workers=2)
+            policy_file.write_text(dane_policy(world))
+            proxy = ProxyProcess(proxy_argv(config), base_env())
+            await proxy.start(nursery)
+            try:
+                await proxy.wait_log(r"event=ready workers=2")
+                policy_file.write_text('require = "dane"\nrequire_typo = 1\n')
+                mark = len(proxy.lines)
+                proxy.signal(signal.SIGHUP)
+                await proxy.wait_log(r"reload failed", after=mark)
+
+                os.kill(worker_pids(proxy)["2"], signal.SIGKILL)
+                await proxy.wait_log(r"event=worker-exited worker=2 .*killed by SIGKILL", after=mark)
+                await proxy.wait_log(re.escape(f"worker 2: {policy_file}:2: unknown key 'require_typo'"), after=mark)
+                await proxy.wait_log(r"event=worker-exited worker=2 .*exited with 1\" action=restart", after=mark)
+                # Worker 1 serves on, with the policy it had.
+                peer, answer, fields = await authenticate_logged(proxy, listen_port, world.peer_self)
+                assert answer.attrs.get("type") == "valid" and fields["worker"] == "1", fields
+                await peer.aclose()
+
+                policy_file.write_text(dane_policy(world))
+                mark = len(proxy.lines)
+                await proxy.wait_log(r"event=worker-ready worker=2", after=mark)
+                proxy.signal(signal.SIGTERM)
+                assert await proxy.exit_code() == 0, "\n".join(proxy.lines)
+            finally:
+                proxy.kill()
+
+    trio.run(main)
+
+
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="systemd-socket-activate missing (Debian package systemd; scripts/bootstrap installs it)")
 def test_socket_activation_with_two_workers(world, tmp_path):  # noqa: F811

@@ -9,10 +9,10 @@ becomes the **supervisor**:
   trio loop, with its own TLS contexts and DNS cache (shared through the local resolver);
 - sockets: for every listen address the supervisor binds one SO_REUSEPORT socket per worker,
   so the kernel spreads new connections over the workers by a hash of the peer's address and
-  port, with no thundering herd on one accept queue.  It keeps all of them open, so a worker's
-  socket and the connections queued on it survive the worker's restart.  Socket-activated
-  descriptors (one per address, from systemd) are handed to every worker as they are; the
-  workers then share their accept queue;
+  port, with no thundering herd on one accept queue.  A dead worker's sockets are closed at
+  once (new connections then go to the others) and bound again for its restart.
+  Socket-activated descriptors (one per address, from systemd) are handed to every worker as
+  they are; the workers then share their accept queue;
 - it alone speaks to systemd (NotifyAccess=main): READY=1 once every worker serves,
   RELOADING=1 … READY=1 around a reload, STOPPING=1 and the watchdog keep-alive;
 - SIGHUP: it loads and checks the files first; a broken file is refused once, here, and no

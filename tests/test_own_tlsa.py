@@ -208,6 +208,9 @@ def test_reload_refuses_a_certificate_peers_reject_unless_forced(dns_env, tmp_pa
                 assert await served_leaf() == current.cert          # the old certificate is kept
                 text = await scrape(metrics_port)
                 assert re.search(r"^xmpp_dane_proxy_config_last_reload_successful 0", text, re.M)
+                # What is served still matches: the gauge says so, and no mismatch was logged for it.
+                assert metric(text, "xmpp_dane_proxy_own_tlsa_match", domain=domain) == 1
+                assert not any("result=mismatch" in ln for ln in proxy.lines[mark:])
 
                 # Forced: installed, and loudly reported.
                 mark = len(proxy.lines)
@@ -242,3 +245,47 @@ def test_check_config_reports_a_bad_staged_next_key_at_its_line(tmp_path, capsys
     config.write_text(config.read_text().replace(f'next_key = "{wrong_key}"\n', 'next_key = "missing.key"\n'))
     assert cli_main(["check-config", "-c", str(config)]) == 1
     assert f"{config}:8: domain home.example: {tmp_path / 'missing.key'}: cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ pure: policy.own_tlsa
+
+
+def _site(*records, status=DnsStatus.SECURE, name="_5269._tcp.xmpp.x.example", ttl=300):
+    return TlsaSite(name, ("xmpp.x.example:5269 (starttls)",), ("x.example", "xmpp.x.example"), status,
+                    tuple(records), ttl)
+
+
+def test_digest_agility_applies_to_our_own_records_too():
+    """RFC 7671 §9: with 3 1 1 and 3 1 2 published, peers use only 3 1 2.  A 3 1 2 of another
+    key therefore hides our matching 3 1 1: that is a mismatch, and the fix is a 3 1 2."""
+    served, other = self_signed(["x.example"]), self_signed(["x.example"])
+    site = _site(record_for(served.cert), record_for(other.cert, 3, 1, 2))
+    report = assess("x.example", [site], served.chain)
+    assert not report.matches and report.mismatched[0].usable == (record_for(other.cert, 3, 1, 2),)
+    (fix,) = report.steps()
+    assert fix.lines == (f"_5269._tcp.xmpp.x.example. IN TLSA {record_for(served.cert, 3, 1, 2)}",)
+
+
+def test_dane_ta_record_survives_a_renewal_from_the_same_ca():
+    """`2 1 1` on the issuing CA: a next certificate from the same CA needs no new record; the
+    leaf must still name the domain or the SRV target (RFC 7671 §5.2, RFC 7673 §4)."""
+    from pki import TestCA
+
+    ca = TestCA().intermediate("Our CA")
+    served, renewed = ca.issue(dns=["xmpp.x.example"]), ca.issue(dns=["x.example"])
+    site = _site(record_for(ca.cert, 2, 1, 1))
+    report = assess("x.example", [site], served.chain, next_key=NextKey(tuple(renewed.chain), None, "next.pem"))
+    assert report.matches and report.next_published is True
+    assert [s.action for s in report.steps()] == ["switch"]
+    wrong = ca.issue(dns=["elsewhere.example"])
+    assert not assess("x.example", [site], wrong.chain).matches
+
+
+def test_bogus_site_fails_and_insecure_site_is_ignored():
+    served = self_signed(["x.example"])
+    bogus = assess("x.example", [_site(record_for(served.cert), status=DnsStatus.BOGUS)], served.chain)
+    assert not bogus.matches and bogus.failed and "is bogus" in bogus.summary()
+    mixed = assess("x.example", [_site(record_for(served.cert)),
+                                 _site(record_for(self_signed(["x.example"]).cert), status=DnsStatus.INSECURE,
+                                       name="_5269._tcp.x.example")], served.chain)
+    assert mixed.matches and [s.state for s in mixed.sites] == ["match", "insecure"]

@@ -289,3 +289,77 @@ def test_bogus_site_fails_and_insecure_site_is_ignored():
                                  _site(record_for(self_signed(["x.example"]).cert), status=DnsStatus.INSECURE,
                                        name="_5269._tcp.x.example")], served.chain)
     assert mixed.matches and [s.state for s in mixed.sites] == ["match", "insecure"]
+
+
+# ------------------------------------------------------------------------------ property: guard == peer's verdict
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _pool():
+    from pki import TestCA
+
+    ca = TestCA().intermediate("Pool CA")
+    served = ca.issue(dns=["x.example"])
+    other = ca.issue(dns=["x.example"])
+    foreign = TestCA().intermediate("Other CA")
+    records = [record_for(c, u, s, m) for c in (served.cert, other.cert) for u in (2, 3)
+               for s in (0, 1) for m in (1, 2)]
+    records += [record_for(ca.cert, 2, s, m) for s in (0, 1) for m in (1, 2)]
+    records += [record_for(foreign.cert, 2, 1, 1), record_for(served.cert, 3, 1, 0)]
+    from policy.tlsa import parse_tlsa_lenient
+    records += [parse_tlsa_lenient("3 1 1 abcd"), parse_tlsa_lenient("3 1 1 zz")]
+    return served, records
+
+
+_SERVED, _POOL = _pool()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_POOL), max_size=6, unique_by=str))
+def test_guard_agrees_with_the_verdict_a_dane_peer_reaches(records):
+    """For any published RRset, the guard says "match" exactly when a peer that judges us as
+    this proxy judges its peers (require = "dane", every usage enabled) accepts our chain."""
+    from policy.decide import decide
+    from policy.evidence import Evidence
+    from policy.policyfile import Policy
+
+    site = _site(*records)
+    report = assess("x.example", [site], _SERVED.chain)
+    evidence = Evidence("x.example", tlsa=tuple(records), tlsa_status=DnsStatus.SECURE,
+                        delegated_targets=("xmpp.x.example",))
+    verdict = decide(_SERVED.chain, evidence, Policy(require="dane", dane_uses=frozenset({0, 1, 2, 3})), trust=None)
+    if report.dane_sites:
+        assert report.matches == verdict.accepted, (records, verdict.reason)
+    else:
+        assert report.matches and not verdict.accepted and verdict.reason.startswith("require=dane but")
+
+
+def test_a_resolver_outage_never_blocks_a_renewal(dns_env, tmp_path, caplog):
+    """The runner's reload path (StateHolder with the guard as its veto): with the resolver
+    down, a changed certificate is installed, with a warning that it was not checked."""
+    import logging
+
+    from policy.dns import Resolver
+    from proxy.metrics import Metrics
+    from proxy.own_tlsa import OwnTlsaGuard
+    from proxy.reload import StateHolder
+
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    domain = "renewing.example"
+    first, renewed = self_signed([domain]), self_signed([domain])
+    cert, key = first.write(tmp_path, "served")
+    config = _config(tmp_path, dns_env, domain, cert, key)
+    metrics = Metrics(process_metrics=False)
+    holder = StateHolder(config, metrics=metrics)
+    guard = OwnTlsaGuard(Resolver([dns_env.blackhole], timeout=0.5), metrics=metrics)
+    holder.vet = guard.vet_reload
+    renewed.write(tmp_path, "served")
+    result = trio.run(holder.reload_async)
+    assert result.ok and holder.state.domains[domain].leaf == renewed.cert
+    fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
+    assert any(f["result"] == "unverified" and "timeout" in f["reason"] for f in fields), fields
+    assert any(f["result"] == "failed" for f in fields)
+    # A timeout says nothing about what peers see: the gauge is not set from it.
+    assert b"own_tlsa_match{" not in metrics.exposition()[0]

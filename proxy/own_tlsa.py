@@ -75,8 +75,36 @@ async def find_sites(domain: str, resolver: Resolver) -> list[TlsaSite]:
             # Asked again: the resolver's cache answers, and the Answer carries the TTL.
             answer = await resolver.lookup(name, "TLSA")
             ttl, reason = answer.ttl, answer.reason
+            if t.tlsa_status is DnsStatus.SECURE and answer.rrset:
+                ttl = max(ttl, await zone_ttl(resolver, name) or 0)
         sites[name] = TlsaSite(name, (where,), refs, t.tlsa_status, t.tlsa, ttl, reason)
     return list(sites.values())
+
+
+async def zone_ttl(resolver: Resolver, name: str) -> int | None:
+    """The TTL the zone gives the TLSA RRset at `name`: the RRSIG's Original TTL (RFC 4034
+    §3.1.4).  Every cache counts the TTL down, and the rollover wait (2×TTL, RFC 7671 §8.1)
+    must be counted from the full one, so the remaining TTL a resolver reports is not enough.
+    None if no signature came back (the caller keeps the reported TTL)."""
+    import dns.asyncbackend
+    import dns.asyncquery
+    import dns.exception
+    import dns.message
+    import dns.rdatatype
+
+    query = dns.message.make_query(name, "TLSA", want_dnssec=True)
+    backend = dns.asyncbackend.get_backend("trio")
+    for ns in resolver.nameservers:
+        with trio.move_on_after(resolver.timeout):
+            try:
+                response = await dns.asyncquery.udp(query, ns.host, port=ns.port, backend=backend,
+                                                    ignore_unexpected=True)
+            except (OSError, dns.exception.DNSException):
+                continue
+            ttls = [sig.original_ttl for rrset in response.answer
+                    if rrset.rdtype == dns.rdatatype.RRSIG and rrset.covers == dns.rdatatype.TLSA for sig in rrset]
+            return max(ttls) if ttls else None
+    return None
 
 
 def load_next_key(dom: DomainConfig) -> NextKey | None:

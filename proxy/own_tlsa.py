@@ -164,6 +164,13 @@ class OwnTlsaGuard:
         self.resolver = resolver
         self.metrics = metrics
         self.last: dict[str, OwnTlsaReport] = {}
+        self.runs = 0                       # scheduled checks completed (start + daily)
+        self._ran = trio.Event()
+
+    async def wait_runs(self, count: int) -> None:
+        """Return once `count` scheduled checks have completed (for tests and tooling)."""
+        while self.runs < count:
+            await self._ran.wait()
 
     def _record(self, report: OwnTlsaReport, problem: str, when: str, cert_path: str) -> None:
         self.last[report.domain] = report
@@ -266,6 +273,9 @@ class OwnTlsaGuard:
                 await self.check_state(holder.state, when)
             except Exception:  # noqa: BLE001 — a bug here must never take the proxy down
                 log.exception("own TLSA check failed")
+            self.runs += 1
+            self._ran.set()
+            self._ran = trio.Event()
             when = "daily"
             await trio.sleep(interval)
 

@@ -363,3 +363,37 @@ def test_a_resolver_outage_never_blocks_a_renewal(dns_env, tmp_path, caplog):
     assert any(f["result"] == "failed" for f in fields)
     # A timeout says nothing about what peers see: the gauge is not set from it.
     assert b"own_tlsa_match{" not in metrics.exposition()[0]
+
+
+def test_scheduled_checks_run_at_start_and_then_every_interval(dns_env, tmp_path, caplog):
+    """The same loop the proxy runs daily, with a short interval: each run re-reads DNS, so a
+    record that disappears is noticed at the next run."""
+    import logging
+
+    from proxy.metrics import Metrics
+    from proxy.own_tlsa import OwnTlsaGuard
+    from proxy.reload import StateHolder
+
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    domain = dns_env.fresh(dns_env.secure, "os")
+    current = self_signed([domain])
+    cert, key = current.write(tmp_path, "served")
+    dns_env.publish_xmpp(domain, None, 5269, "127.0.0.1", current.cert, ttl=1)
+    holder = StateHolder(_config(tmp_path, dns_env, domain, cert, key))
+    metrics = Metrics(process_metrics=False)
+    guard = OwnTlsaGuard(dns_env.resolver(), metrics=metrics)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: guard.run(holder, interval=1.5, task_status=task_status))
+            await guard.wait_runs(1)
+            assert guard.last[domain].matches
+            # The zone now names another key (TTL 1 s: the cached set is gone by the next run).
+            dns_env.publish(None, f"_5269._tcp.{domain}", "TLSA", str(record_for(self_signed([domain]).cert)), ttl=1)
+            await guard.wait_runs(2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
+    assert [(f["when"], f["result"]) for f in fields] == [("start", "match"), ("daily", "mismatch")]
+    assert b'own_tlsa_match{domain="%s"} 0.0' % domain.encode() in metrics.exposition()[0]

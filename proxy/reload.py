@@ -196,6 +196,9 @@ class StateHolder:
         self.metrics = metrics
         self._listeners: list[Callable[[RuntimeState, RuntimeState], None]] = []
         self._lock = trio.Lock()      # one reload at a time
+        # False when the caller says "configuration reloaded" itself, once the new state is
+        # really in use (proxy/workers.py: after every worker has reloaded too).
+        self.announce_reloads = True
         # async (old, new, force) -> problems; set by the runner (own-TLSA guard).
         self.vet: Callable[[RuntimeState, RuntimeState, bool], Any] | None = None
         self._state = load_state(self.path, build_tls=build_tls)
@@ -254,7 +257,8 @@ class StateHolder:
             except Exception:  # noqa: BLE001 — a subscriber's bug must not undo the reload
                 log.exception("reload subscriber %r failed", callback)
         result = ReloadResult(True, loaded, (), warnings)
-        log.info("configuration reloaded: %s", result.summary())
+        if self.announce_reloads:
+            log.info("configuration reloaded: %s", result.summary())
         self._record(True)
         return result
 

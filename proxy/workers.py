@@ -458,6 +458,7 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
 
     own_tlsa = OwnTlsaGuard(resolver, metrics=metrics)
     holder.vet = own_tlsa.vet_reload
+    holder.announce_reloads = False     # _reload_on_sighup says it once the workers have reloaded
 
     notifier = notifier or Notifier()
     cfg = holder.state.config
@@ -552,6 +553,9 @@ async def _reload_on_sighup(holder: StateHolder, supervisor: Supervisor, notifie
                     log_event(log, logging.ERROR, "worker-reload-failed", reason=problem)
                 log_event(log, logging.INFO, "reloaded", generation=result.state.generation, workers=count,
                           failed=len(problems))
+                # The line a single process logs when a reload is in use, now that it is here too.
+                logging.getLogger("xmpp_dane_proxy.reload").info(
+                    "configuration reloaded: %s (%d of %d workers)", summary, count - len(problems), count)
                 summary += f", {count} workers" + (f"; {len(problems)} did not reload, see the log"
                                                    if problems else "")
             if supervisor.started:

@@ -30,7 +30,7 @@ def _config(tmp_path: Path, dns_env, domain: str, cert: Path, key: Path, *, next
     (tmp_path / "policy.d").mkdir(exist_ok=True)
     nxt = (f'next_cert = "{next_cert}"\n' if next_cert else "") + (f'next_key = "{next_key}"\n' if next_key else "")
     path = tmp_path / "config.toml"
-    path.write_text(f'{extra}\n[dns]\nnameservers = ["{dns_env.resolver_address}"]\ntimeout = 3.0\n'
+    path.write_text(f'[server]\nworkers = 1\n{extra}\n[dns]\nnameservers = ["{dns_env.resolver_address}"]\ntimeout = 3.0\n'
                     f'[policy]\ndir = "policy.d"\n'
                     f'[[domain]]\nname = "{domain}"\ncert = "{cert}"\nkey = "{key}"\n{nxt}')
     return path

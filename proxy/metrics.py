@@ -30,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
 from proxy.config import parse_hostport
+from proxy.listen import tcp_listeners
 
 log = logging.getLogger("xmpp_dane_proxy.metrics")
 
@@ -348,7 +349,7 @@ async def open_metrics_listeners(listen: str) -> list[trio.SocketListener]:
     if not listen:
         return []
     host, port = parse_hostport(listen)
-    return await trio.open_tcp_listeners(port, host=host)
+    return await tcp_listeners(listen, port, host)
 
 
 async def serve_metrics(metrics: Metrics, listeners: Sequence[trio.SocketListener], *,

@@ -51,6 +51,12 @@ typedef struct {
     int py_error;              /* a Python exception is pending from a handler */
     int header_seen;
     Py_ssize_t max_stanza_bytes;
+    Py_ssize_t max_header_bytes;
+    /* Slow input, linear cost (Python's _may_complete): how far expat has been fed, where its
+     * unfinished token starts (== fed when there is none), and the quote-aware scan of an
+     * unfinished start tag (token start, scanned up to, open quote or 0). */
+    long long fed, tok, scan_start, scan_at;
+    char scan_quote;
     PyObject *stop_after;      /* callable or NULL */
     PyObject *events;          /* list, only during feed() */
     PyObject *pending_ns;      /* dict: namespace declarations before the header */
@@ -320,6 +326,9 @@ static void open_stream(Framer *self, const XML_Char *qname, const XML_Char **at
     } else if (PyUnicode_CompareWithASCIIString(ns, NS_STREAMS) != 0) {
         fail_with(self, Py_BuildValue("(sO)", "header-ns", ns));
         halt(self);
+    } else if (token_end(self) > self->max_header_bytes) {
+        fail_with(self, Py_BuildValue("(sLni)", "header-too-big", token_end(self), self->max_header_bytes, 0));
+        halt(self);
     } else {
         long long start = token_start(self), end = token_end(self);
         self->consumed = end;
@@ -442,7 +451,11 @@ static void h_end(void *ud, const XML_Char *qname)
 static int setup_parser(Framer *self)
 {
     /* RFC 6120 §11.6: XMPP is UTF-8 only; forcing it also keeps byte offsets meaningful. */
-    self->p = XML_ParserCreateNS("UTF-8", ' ');
+    /* expat's many small allocations (names, bindings, hash tables) go to Python's allocator,
+     * as pyexpat's do: denser than malloc's for small blocks (memory per idle stream), and
+     * visible to tracemalloc.  Every expat call happens with the GIL held. */
+    static const XML_Memory_Handling_Suite memsuite = {PyObject_Malloc, PyObject_Realloc, PyObject_Free};
+    self->p = XML_ParserCreate_MM("UTF-8", &memsuite, " ");
     if (self->p == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -465,10 +478,10 @@ static int setup_parser(Framer *self)
 
 static int Framer_init(Framer *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"max_stanza_bytes", "stop_after", NULL};
-    Py_ssize_t max_bytes;
+    static char *kwlist[] = {"max_stanza_bytes", "stop_after", "max_header_bytes", NULL};
+    Py_ssize_t max_bytes, max_header = PY_SSIZE_T_MAX;
     PyObject *stop_after = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|O", kwlist, &max_bytes, &stop_after))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|On", kwlist, &max_bytes, &stop_after, &max_header))
         return -1;
     if (g_element_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "proxy._xmlframe.configure() was not called");
@@ -479,6 +492,8 @@ static int Framer_init(Framer *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->max_stanza_bytes = max_bytes;
+    self->max_header_bytes = max_header < max_bytes ? max_header : max_bytes;
+    self->scan_start = -1;
     if (stop_after != Py_None) {
         Py_INCREF(stop_after);
         self->stop_after = stop_after;
@@ -546,6 +561,100 @@ static int buf_append(Framer *self, const char *data, Py_ssize_t n)
     return 0;
 }
 
+/* ------------------------------------------------------------------ slow input
+ *
+ * expat re-tokenises an unfinished token from its start on every XML_Parse call, so a peer
+ * dripping a long attribute value a few bytes at a time would cost quadratic CPU.  Bytes are
+ * held back from expat until they contain what ends the token expat stopped in -- exactly
+ * the Python framer's rule (PyXmlStreamParser._may_complete, which explains it), so both
+ * report every event after the same feed. */
+
+static const char *find_bytes(const char *hay, Py_ssize_t from, Py_ssize_t n, const char *needle, size_t k)
+{
+    if (from < 0)
+        from = 0;
+    if (from >= n)
+        return NULL;
+    return memmem(hay + from, (size_t)(n - from), needle, k);
+}
+
+static int reference_stop(unsigned char c)
+{
+    /* _REFERENCE_STOP = [^A-Za-z0-9._:#\-\x80-\xff] */
+    return !((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.'
+             || c == '_' || c == ':' || c == '#' || c == '-' || c >= 0x80);
+}
+
+static int tag_may_end(Framer *self, Py_ssize_t tok)
+{
+    long long at;
+    char quote;
+    if (self->scan_start != tok + self->base) {
+        at = tok + self->base + 1;
+        quote = 0;
+    } else {
+        at = self->scan_at;
+        quote = self->scan_quote;
+    }
+    Py_ssize_t i = (Py_ssize_t)(at - self->base), n = self->len;
+    int found = 0;
+    while (i < n) {
+        if (quote) {
+            const char *j = memchr(self->buf + i, quote, (size_t)(n - i));
+            if (j == NULL) {
+                i = n;
+                break;
+            }
+            quote = 0;
+            i = (j - self->buf) + 1;
+        } else {
+            Py_ssize_t m = i;
+            while (m < n && self->buf[m] != '\'' && self->buf[m] != '"' && self->buf[m] != '>')
+                m++;
+            if (m == n) {
+                i = n;
+                break;
+            }
+            char c = self->buf[m];
+            i = m + 1;
+            if (c == '>') {
+                found = 1;
+                break;
+            }
+            quote = c;
+        }
+    }
+    self->scan_start = tok + self->base;
+    self->scan_at = i + self->base;
+    self->scan_quote = quote;
+    return found;
+}
+
+static int may_complete(Framer *self)
+{
+    Py_ssize_t tok = (Py_ssize_t)(self->tok - self->base), fresh = (Py_ssize_t)(self->fed - self->base);
+    Py_ssize_t n = self->len, have = n - tok < 4 ? n - tok : 4;
+    const char *head = self->buf + tok;
+    if (have >= 1 && head[0] == '&') {
+        for (Py_ssize_t i = fresh < 0 ? 0 : fresh; i < n; i++)
+            if (reference_stop((unsigned char)self->buf[i]))
+                return 1;
+        return 0;
+    }
+    if (have < 2 || head[0] != '<')
+        return 1;
+    if (head[1] == '/')
+        return find_bytes(self->buf, fresh, n, ">", 1) != NULL;
+    if (head[1] == '?')
+        return find_bytes(self->buf, tok + 2 > fresh - 1 ? tok + 2 : fresh - 1, n, "?>", 2) != NULL;
+    if (head[1] == '!') {
+        if (have == 4 && memcmp(head, "<!--", 4) == 0)
+            return find_bytes(self->buf, tok + 4 > fresh - 2 ? tok + 4 : fresh - 2, n, "-->", 3) != NULL;
+        return 1;   /* '<!-' so far, CDATA opener, or a DTD (restricted, and pre-header) */
+    }
+    return tag_may_end(self, tok);
+}
+
 static void compact_and_check(Framer *self)
 {
     long long keep;
@@ -559,6 +668,8 @@ static void compact_and_check(Framer *self)
             from = 0;
         const char *lt = from < self->len ? memchr(self->buf + from, '<', (size_t)(self->len - from)) : NULL;
         keep = lt == NULL ? self->base + self->len : self->base + (lt - self->buf);
+        if (keep > self->tok)
+            keep = self->tok;   /* never bytes expat has not finished with */
         self->consumed = keep;
     } else {
         keep = self->base;   /* header not complete yet */
@@ -576,11 +687,11 @@ static void compact_and_check(Framer *self)
         self->cap = 0;
     }
     Py_ssize_t pending = self->len;
-    if (pending > self->max_stanza_bytes) {
-        if (self->depth == 0)
-            fail_with(self, Py_BuildValue("(sn)", "header-too-big", self->max_stanza_bytes));
-        else
-            fail_with(self, Py_BuildValue("(snni)", "too-big", pending, self->max_stanza_bytes, 1));
+    if (self->depth == 0) {
+        if (self->base + pending > self->max_header_bytes)
+            fail_with(self, Py_BuildValue("(sLni)", "header-too-big", self->base + pending, self->max_header_bytes, 1));
+    } else if (pending > self->max_stanza_bytes) {
+        fail_with(self, Py_BuildValue("(snni)", "too-big", pending, self->max_stanza_bytes, 1));
     }
 }
 
@@ -617,26 +728,49 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
     self->events = PyList_New(0);
     if (self->events == NULL)
         goto done;
-    const char *s = view.buf;
-    Py_ssize_t n = view.len;
-    int rc = XML_STATUS_OK;
-    /* pyexpat hands expat at most 1 MiB per call; so do we (XML_Parse takes an int). */
-    while (rc == XML_STATUS_OK && n > 0) {
-        int chunk = n > (1 << 20) ? (1 << 20) : (int)n;
-        rc = XML_Parse(self->p, s, chunk, XML_FALSE);
-        s += chunk;
-        n -= chunk;
-    }
-    if (self->py_error) {
-        Py_CLEAR(self->events);
-        goto done;
-    }
-    if (rc != XML_STATUS_OK && !self->halted) {
-        enum XML_Error code = XML_GetErrorCode(self->p);
-        fail_with(self, Py_BuildValue("(siLkk)", "expat", (int)code,
-                                      (long long)XML_GetErrorByteIndex(self->p),
-                                      (unsigned long)XML_GetErrorLineNumber(self->p),
-                                      (unsigned long)XML_GetErrorColumnNumber(self->p)));
+    if (self->tok >= self->fed || may_complete(self)) {
+        /* What expat has not seen yet: `data`, after the bytes held back before it if any.
+         * Those are copied out of self->buf, which a failing handler frees. */
+        PyObject *chunk = NULL;
+        const char *s = view.buf;
+        Py_ssize_t n = view.len;
+        if (self->tok < self->fed) {
+            Py_ssize_t from = (Py_ssize_t)(self->fed - self->base);
+            chunk = PyBytes_FromStringAndSize(self->buf + from, self->len - from);
+            if (chunk == NULL) {
+                Py_CLEAR(self->events);
+                goto done;
+            }
+            s = PyBytes_AS_STRING(chunk);
+            n = PyBytes_GET_SIZE(chunk);
+        }
+        self->fed = self->base + self->len;
+        int rc = XML_STATUS_OK;
+        /* pyexpat hands expat at most 1 MiB per call; so do we (XML_Parse takes an int). */
+        while (rc == XML_STATUS_OK && n > 0) {
+            int part = n > (1 << 20) ? (1 << 20) : (int)n;
+            rc = XML_Parse(self->p, s, part, XML_FALSE);
+            s += part;
+            n -= part;
+        }
+        Py_XDECREF(chunk);
+        if (self->py_error) {
+            Py_CLEAR(self->events);
+            goto done;
+        }
+        if (rc != XML_STATUS_OK && !self->halted) {
+            enum XML_Error code = XML_GetErrorCode(self->p);
+            fail_with(self, Py_BuildValue("(siLkk)", "expat", (int)code,
+                                          (long long)XML_GetErrorByteIndex(self->p),
+                                          (unsigned long)XML_GetErrorLineNumber(self->p),
+                                          (unsigned long)XML_GetErrorColumnNumber(self->p)));
+        }
+        if (self->state == ST_OPEN) {
+            /* After XML_Parse returns, expat's current index is the start of the token it
+             * could not finish (the end of the input if there is none). */
+            long long index = (long long)XML_GetCurrentByteIndex(self->p);
+            self->tok = index >= 0 ? index : self->fed;
+        }
     }
     if (self->state == ST_OPEN)
         compact_and_check(self);
@@ -688,7 +822,9 @@ static PyGetSetDef Framer_getset[] = {
 
 static PyMemberDef Framer_members[] = {
     {"max_stanza_bytes", T_PYSSIZET, offsetof(Framer, max_stanza_bytes), 0,
-     "size limit of one first-level element (and of the header)"},
+     "size limit of one first-level element"},
+    {"max_header_bytes", T_PYSSIZET, offsetof(Framer, max_header_bytes), 0,
+     "size limit of the stream header, counted from the first byte"},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -129,8 +129,8 @@ def starttls(el: Element) -> bool:
     return el.is_(NS_TLS, "starttls")
 
 
-def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool) -> list:
-    kwargs = {"max_stanza_bytes": max_stanza_bytes, "stop_after": starttls if stop else None}
+def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, **more) -> list:
+    kwargs = {"max_stanza_bytes": max_stanza_bytes, "stop_after": starttls if stop else None, **more}
     py, c = PyXmlStreamParser(**kwargs), xmlstream.CXmlStreamParser(**kwargs)
     seen = []
     for i, chunk in enumerate(chunks):
@@ -154,7 +154,13 @@ def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, dr
     sizes += [len(b"".join(chunks[:i + 1])) for i in range(min(3, len(chunks)))]
     if sizes and draw.draw(st.booleans()):
         limit = max(1, draw.draw(st.sampled_from(sizes)) + draw.draw(st.sampled_from([-1, 0, 1])))
-    both_agree(chunks, limit, stop)
+    more = {}
+    if draw.draw(st.booleans()):
+        # The header bound, counted from the first byte, at the edges of this stream's header.
+        ends = [len(e.raw) + data.find(e.raw) for e in PyXmlStreamParser().feed(data)[:1]
+                if isinstance(e, StreamOpened)] or [len(data)]
+        more["max_header_bytes"] = max(1, draw.draw(st.sampled_from(ends)) + draw.draw(st.sampled_from([-1, 0, 1])))
+    both_agree(chunks, limit, stop, **more)
 
 
 @settings(max_examples=150, deadline=None)
@@ -194,3 +200,33 @@ def test_billion_laughs_and_deep_nesting_agree():
     deep = HEADERS[1] + b"<message>" + b"<a>" * 20000 + b"</a>" * 20000 + b"</message>"
     events = both_agree([deep], 1 << 20, False)
     assert events[-1].raw.startswith(b"<message><a><a>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(token=st.sampled_from([
+    b"<message to='" + b"v" * 3000 + b"' from='x>y'>",
+    b"<message to=\"" + b"'>" * 500 + b"\" note='\">'/>",
+    b"<!--" + b"- -" * 500 + b"-->", b"<?pi " + b"?" * 700 + b"?>", b"</message" + b" " * 2000 + b">",
+    b"&" + b"a" * 1500 + b";", b"&#" + b"1" * 900 + b";", b"&amp;" * 300, b"&#\xff\xfe;", b"&a\x80#b;", b"<![CDATA[" + b"]" * 900 + b"]]>",
+    b"<message xmlns='jabber:server' to='a' from='b'>" + b"<x y='" + b"z" * 2000 + b"'/>" * 2 + b"</message>",
+]), prefix=st.sampled_from([b"", b"<message>", b"<message><body>"]), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=40))
+def test_dripped_long_tokens_are_held_back_alike(token, prefix, sizes):
+    """A token fed a few bytes at a time: both hold the bytes back from expat until they can
+    end it (linear CPU) and report what follows after the same feed."""
+    data = HEADERS[1] + prefix + token + b"</message>"
+    chunks, at, i = [], 0, 0
+    while at < len(data):
+        n = sizes[i % len(sizes)]
+        chunks.append(data[at:at + n])
+        at, i = at + n, i + 1
+    both_agree(chunks, 2048, False)
+    both_agree(chunks, 1 << 20, False)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 8000, 8100, 8192, 9000])
+def test_header_bound_agrees(pad):
+    header = HEADERS[0].replace(b" version='1.0'>", b" version='1.0' x='" + b"p" * pad + b"'>")
+    for split in (None, 7, 1000):
+        chunks = [header] if split is None else [header[i:i + split] for i in range(0, len(header), split)]
+        events = both_agree(chunks + [b"<message/>"], 1 << 20, False)
+        assert isinstance(events[0], StreamOpened) == (len(header) <= xmlstream.MAX_HEADER_BYTES)

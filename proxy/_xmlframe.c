@@ -11,10 +11,9 @@
  * Every rule of the Python framer is mirrored here, in the same order, with the same
  * buffer and limit arithmetic, so that both give the same events for any input and any
  * chunking (tests/test_xmlstream_differential.py checks that).  Texts of errors are made
- * by a Python callback (proxy.xmlstream._c_error) so both framers word them alike; elements
- * other than jabber:server stanzas get their child tree from a Python callback too
- * (proxy.xmlstream._c_full_element), which re-parses that one element's bytes with the
- * Python framer: they are few per stream, and the tree must be identical.
+ * by a Python callback (proxy.xmlstream._c_error) so both framers word them alike.  Elements
+ * other than jabber:server stanzas get the same small tree as in Python (children and
+ * grandchildren, no text; a child's byte span inside its element), built here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,12 +26,21 @@
 
 enum { ST_OPEN = 0, ST_STOPPED, ST_CLOSED, ST_FAILED };
 
+/* Depths of the kept tree: the first-level element (1) and two levels below it, as
+ * proxy/xmlstream.py's _TREE_DEPTH. */
+#define TREE_DEPTH 3
+
+typedef struct {
+    PyObject *ns, *name, *attrs, *children;   /* children: list */
+    long long start;
+} Builder;
+
 /* Set once by configure(): the Python types and callbacks events are built with. */
 static PyObject *g_element_type;   /* proxy.xmlstream.Element */
+static PyObject *g_node_type;      /* proxy.xmlstream.Node */
 static PyObject *g_opened_type;    /* StreamOpened */
 static PyObject *g_closed_type;    /* StreamClosed */
 static PyObject *g_make_error;     /* (kind, *args) -> XmlError */
-static PyObject *g_full_element;   /* (header_raw, raw) -> Element, with its child tree */
 static PyObject *s_ns, *s_name, *s_attrs, *s_children, *s_span, *s_raw, *s_empty_tuple;
 static PyObject *s_open, *s_stopped, *s_closed, *s_failed;
 
@@ -60,9 +68,9 @@ typedef struct {
     PyObject *stop_after;      /* callable or NULL */
     PyObject *events;          /* list, only during feed() */
     PyObject *pending_ns;      /* dict: namespace declarations before the header */
-    PyObject *header_raw;      /* bytes of the stream header, once seen */
     PyObject *trailing;        /* bytes after a stop_after element */
-    PyObject *el_ns, *el_name, *el_attrs;  /* the open flat element */
+    PyObject *el_ns, *el_name, *el_attrs;  /* the open first-level element */
+    Builder tree[TREE_DEPTH];  /* [0]: its children; [1], [2]: the open child, grandchild */
 } Framer;
 
 /* ------------------------------------------------------------------ helpers */
@@ -191,23 +199,54 @@ static long long token_end(Framer *self)
     return (long long)XML_GetCurrentByteIndex(self->p) + XML_GetCurrentByteCount(self->p);
 }
 
-/* An Element for a jabber:server stanza: its children are never built (as in Python). */
-static PyObject *flat_element(Framer *self, PyObject *raw)
+static void builder_clear(Builder *b)
 {
-    PyTypeObject *tp = (PyTypeObject *)g_element_type;
+    Py_CLEAR(b->ns);
+    Py_CLEAR(b->name);
+    Py_CLEAR(b->attrs);
+    Py_CLEAR(b->children);
+}
+
+static void tree_clear(Framer *self)
+{
+    for (int i = 0; i < TREE_DEPTH; i++)
+        builder_clear(&self->tree[i]);
+}
+
+/* A Node or Element (frozen dataclasses) with its fields set as object.__setattr__ would:
+ * no __init__ call per element.  `raw` NULL makes a Node. */
+static PyObject *make_node(PyObject *ns, PyObject *name, PyObject *attrs, PyObject *children,
+                           PyObject *span, PyObject *raw)
+{
+    PyTypeObject *tp = (PyTypeObject *)(raw ? g_element_type : g_node_type);
     PyObject *el = tp->tp_new(tp, s_empty_tuple, NULL);
     if (el == NULL)
         return NULL;
-    /* Element is a frozen dataclass: set its fields as object.__setattr__ would. */
-    if (PyObject_GenericSetAttr(el, s_ns, self->el_ns) < 0
-        || PyObject_GenericSetAttr(el, s_name, self->el_name) < 0
-        || PyObject_GenericSetAttr(el, s_attrs, self->el_attrs) < 0
-        || PyObject_GenericSetAttr(el, s_children, s_empty_tuple) < 0
-        || PyObject_GenericSetAttr(el, s_span, Py_None) < 0
-        || PyObject_GenericSetAttr(el, s_raw, raw) < 0) {
+    if (PyObject_GenericSetAttr(el, s_ns, ns) < 0
+        || PyObject_GenericSetAttr(el, s_name, name) < 0
+        || PyObject_GenericSetAttr(el, s_attrs, attrs) < 0
+        || PyObject_GenericSetAttr(el, s_children, children) < 0
+        || PyObject_GenericSetAttr(el, s_span, span) < 0
+        || (raw && PyObject_GenericSetAttr(el, s_raw, raw) < 0)) {
         Py_DECREF(el);
         return NULL;
     }
+    return el;
+}
+
+/* The complete first-level element: flat (a stanza, no children) or with its kept tree. */
+static PyObject *first_level_element(Framer *self, PyObject *raw)
+{
+    PyObject *children = s_empty_tuple;
+    Py_INCREF(children);
+    if (!self->flat && self->tree[0].children != NULL) {
+        Py_DECREF(children);
+        children = PyList_AsTuple(self->tree[0].children);
+        if (children == NULL)
+            return NULL;
+    }
+    PyObject *el = make_node(self->el_ns, self->el_name, self->el_attrs, children, Py_None, raw);
+    Py_DECREF(children);
     return el;
 }
 
@@ -339,8 +378,6 @@ static void open_stream(Framer *self, const XML_Char *qname, const XML_Char **at
             Py_XDECREF(attrs);
             py_fail(self);
         } else {
-            Py_INCREF(raw);
-            self->header_raw = raw;
             append_event(self, PyObject_CallFunctionObjArgs(g_opened_type, attrs, namespaces, raw, NULL));
             Py_DECREF(raw);
             Py_DECREF(attrs);
@@ -361,21 +398,30 @@ static void h_start(void *ud, const XML_Char *qname, const XML_Char **atts)
         open_stream(self, qname, atts);
         return;
     }
-    if (depth != 1)
-        return;   /* nested: nothing to do per element */
-    self->el_start = token_start(self);
-    /* Stanzas are routed by their own from/to alone; other first-level elements get their
-     * tree from the Python framer when they are complete. */
-    self->flat = split_is(qname, NS_SERVER, "message") || split_is(qname, NS_SERVER, "presence")
-                 || split_is(qname, NS_SERVER, "iq");
-    if (self->flat) {
+    if (depth == 1) {
+        self->el_start = token_start(self);
+        /* Stanzas are routed by their own from/to alone: their children are never built (as
+         * in Python, where that was half the framing cost of a small message). */
+        self->flat = split_is(qname, NS_SERVER, "message") || split_is(qname, NS_SERVER, "presence")
+                     || split_is(qname, NS_SERVER, "iq");
         Py_CLEAR(self->el_ns);
         Py_CLEAR(self->el_name);
         Py_CLEAR(self->el_attrs);
+        tree_clear(self);
         if (split_qname(qname, &self->el_ns, &self->el_name) < 0
-            || (self->el_attrs = attr_dict(atts)) == NULL)
+            || (self->el_attrs = attr_dict(atts)) == NULL
+            || (!self->flat && (self->tree[0].children = PyList_New(0)) == NULL))
             py_fail(self);
+        return;
     }
+    if (depth > TREE_DEPTH || self->flat)
+        return;   /* deeper content is relayed but not inspected */
+    Builder *b = &self->tree[depth - 1];   /* depth 2 -> tree[1], 3 -> tree[2] */
+    builder_clear(b);
+    b->start = token_start(self);
+    if (split_qname(qname, &b->ns, &b->name) < 0 || (b->attrs = attr_dict(atts)) == NULL
+        || (b->children = PyList_New(0)) == NULL)
+        py_fail(self);
 }
 
 static void h_end(void *ud, const XML_Char *qname)
@@ -391,8 +437,31 @@ static void h_end(void *ud, const XML_Char *qname)
         halt(self);
         return;
     }
-    if (depth >= 2)
+    if (depth > TREE_DEPTH || (depth >= 2 && self->flat))
         return;
+    if (depth >= 2) {
+        /* A kept child (depth 2, with its byte range inside the first-level element) or
+         * grandchild (3) is complete: it joins its parent's children. */
+        Builder *b = &self->tree[depth - 1];
+        PyObject *span = Py_None, *children = PyList_AsTuple(b->children);
+        if (children == NULL) {
+            py_fail(self);
+            return;
+        }
+        Py_INCREF(span);
+        if (depth == 2) {
+            Py_DECREF(span);
+            span = Py_BuildValue("(LL)", b->start - self->el_start, token_end(self) - self->el_start);
+        }
+        PyObject *node = span ? make_node(b->ns, b->name, b->attrs, children, span, NULL) : NULL;
+        Py_DECREF(children);
+        Py_XDECREF(span);
+        if (node == NULL || PyList_Append(self->tree[depth - 2].children, node) < 0)
+            py_fail(self);
+        Py_XDECREF(node);
+        builder_clear(b);
+        return;
+    }
     /* depth 1: a first-level element is complete.  In an end handler expat's current token
      * is the end tag `</x>` -- or, for `<x/>`, nothing just past the tag: either way the
      * element ends at index + count. */
@@ -407,15 +476,11 @@ static void h_end(void *ud, const XML_Char *qname)
         py_fail(self);
         return;
     }
-    PyObject *el;
-    if (self->flat) {
-        el = flat_element(self, raw);
-        Py_CLEAR(self->el_ns);
-        Py_CLEAR(self->el_name);
-        Py_CLEAR(self->el_attrs);
-    } else {
-        el = PyObject_CallFunctionObjArgs(g_full_element, self->header_raw, raw, NULL);
-    }
+    PyObject *el = first_level_element(self, raw);
+    Py_CLEAR(self->el_ns);
+    Py_CLEAR(self->el_name);
+    Py_CLEAR(self->el_attrs);
+    tree_clear(self);
     Py_DECREF(raw);
     if (el == NULL) {
         py_fail(self);
@@ -515,11 +580,11 @@ static void Framer_dealloc(Framer *self)
     Py_CLEAR(self->stop_after);
     Py_CLEAR(self->events);
     Py_CLEAR(self->pending_ns);
-    Py_CLEAR(self->header_raw);
     Py_CLEAR(self->trailing);
     Py_CLEAR(self->el_ns);
     Py_CLEAR(self->el_name);
     Py_CLEAR(self->el_attrs);
+    tree_clear(self);
     PyTypeObject *tp = Py_TYPE(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -849,18 +914,18 @@ static PyType_Spec Framer_spec = {
 static PyObject *configure(PyObject *module, PyObject *args)
 {
     (void)module;
-    PyObject *el, *opened, *closed, *make_error, *full;
-    if (!PyArg_ParseTuple(args, "OOOOO", &el, &opened, &closed, &make_error, &full))
+    PyObject *node, *el, *opened, *closed, *make_error;
+    if (!PyArg_ParseTuple(args, "OOOOO", &node, &el, &opened, &closed, &make_error))
         return NULL;
-    if (!PyType_Check(el)) {
-        PyErr_SetString(PyExc_TypeError, "Element must be a type");
+    if (!PyType_Check(el) || !PyType_Check(node)) {
+        PyErr_SetString(PyExc_TypeError, "Node and Element must be types");
         return NULL;
     }
+    Py_INCREF(node); Py_XSETREF(g_node_type, node);
     Py_INCREF(el); Py_XSETREF(g_element_type, el);
     Py_INCREF(opened); Py_XSETREF(g_opened_type, opened);
     Py_INCREF(closed); Py_XSETREF(g_closed_type, closed);
     Py_INCREF(make_error); Py_XSETREF(g_make_error, make_error);
-    Py_INCREF(full); Py_XSETREF(g_full_element, full);
     Py_RETURN_NONE;
 }
 
@@ -872,7 +937,7 @@ static PyObject *expat_version(PyObject *module, PyObject *noargs)
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(Element, StreamOpened, StreamClosed, make_error, full_element)"},
+     "configure(Node, Element, StreamOpened, StreamClosed, make_error)"},
     {"expat_version", expat_version, METH_NOARGS, "the linked libexpat's version string"},
     {NULL, NULL, 0, NULL},
 };

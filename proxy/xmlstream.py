@@ -574,29 +574,12 @@ def _c_error(kind: str, *args) -> XmlError:
     return XmlError(*_error_text(kind, *args))
 
 
-def _c_full_element(header_raw: bytes, raw: bytes) -> Element:
-    """The Element (with its child tree) for `raw`, a complete first-level element the C
-    framer accepted in the stream that `header_raw` opened.
-
-    Only elements other than jabber:server stanzas get here (features, dialback, stream
-    errors, ...): a few per stream.  Parsing them again with the Python framer, in the
-    same namespace context (the header's declarations are the only ones in scope), gives
-    exactly the tree it would have built.
-    """
-    events = PyXmlStreamParser(max_stanza_bytes=len(header_raw) + len(raw),
-                               max_header_bytes=len(header_raw)).feed(header_raw + raw)
-    if len(events) != 2 or not isinstance(events[1], Element) or events[1].raw != raw:
-        # Cannot happen for bytes expat accepted in this context; fail closed if it does.
-        raise AssertionError(f"the Python framer disagrees on an element the C framer framed: {events!r}")
-    return events[1]
-
-
 try:
     from proxy import _xmlframe
 except ImportError:   # built without a compiler: the Python framer does the work
     _xmlframe = None
 else:
-    _xmlframe.configure(Element, StreamOpened, StreamClosed, _c_error, _c_full_element)
+    _xmlframe.configure(Node, Element, StreamOpened, StreamClosed, _c_error)
 
     class CXmlStreamParser(_xmlframe.Framer):
         """`PyXmlStreamParser` with its expat handlers in C (proxy/_xmlframe.c): the same

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+import dns.rdata
 import trio
 
 from policy.dns import Answer, Resolver, name_text, to_dns_name, weakest
@@ -219,9 +220,20 @@ def order_srv(records: Sequence[Any], rng: random.Random | None = None) -> list[
 
 
 def tlsa_from_answer(answer: Answer) -> tuple[TlsaRecord | MalformedTlsa, ...]:
-    """The TLSA rdata of an answer as `TlsaRecord`s (in answer order)."""
+    """The TLSA rdata of an answer as `TlsaRecord`s (in answer order).
+
+    DESIGN §2.1 item 4: a record the resolver validated but dnspython could not parse arrives
+    as opaque rdata (`policy.dns_wire`); it is read here field by field, so `policy.tlsa`
+    names it as unusable (e.g. "digest is 20 bytes, expected 32") and the others decide."""
     out: list[TlsaRecord | MalformedTlsa] = []
     for rdata in answer.rrset:
+        if isinstance(rdata, dns.rdata.GenericRdata):
+            raw = bytes(rdata.data)
+            if len(raw) < 3:
+                out.append(MalformedTlsa(rdata.to_text(), f"rdata is {len(raw)} bytes, too short for TLSA"))
+            else:
+                out.append(TlsaRecord(raw[0], raw[1], raw[2], raw[3:]))
+            continue
         try:
             out.append(TlsaRecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert)))
         except (AttributeError, TypeError, ValueError) as exc:

@@ -444,7 +444,9 @@ class OutboundContext:
         """Load policies, the trust store and the local certificates' paths from `config`
         (raises PolicyError / TrustStoreError / TlsConfigError on bad files)."""
         if resolver is None:
-            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+            from proxy.resolver import make_resolver
+
+            resolver = make_resolver(config.dns)
         if policies is None:
             policies = PolicySet.load(config.policy.dir or None)
         if trust is None:

@@ -21,6 +21,7 @@ from policy.dns import Resolver
 from proxy.logsetup import configure_logging, log_event
 from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
 from proxy.outbound import OutboundContext, OutboundProxy, open_outbound_listeners
+from proxy.resolver import make_resolver, probe_periodically
 from proxy.reload import RuntimeState, StateHolder, reload_on_sighup
 from proxy.sdnotify import Notifier
 from proxy.inbound import InboundSettings
@@ -67,9 +68,7 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         # that changes dns.* takes effect at the next restart (reported as a warning).
         if not resolvers:
             dns = state.config.dns
-            resolvers.append(Resolver(dns.nameservers, dns.trust_ad_from, dns.timeout,
-                                      on_lookup=lambda rdtype, status, cached:
-                                      metrics.dns_lookup(rdtype, status, cached=cached)))
+            resolvers.append(make_resolver(dns, metrics=metrics))
         return build_handlers(state, resolver=resolvers[0], metrics=metrics)
 
     holder = StateHolder(config_path, build_tls=build, metrics=metrics)
@@ -98,10 +97,16 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         server.settings, server.config = new.tls.inbound, new.config
         outbound_proxy.context = new.tls.outbound
         configure_logging(new.config.log.level, new.config.log.format)
+        if nurseries:  # DESIGN §2.1 item 5: the DNSSEC probe is asked again on reload
+            nurseries[0].start_soon(resolvers[0].probe)
 
     holder.subscribe(swap)
+    nurseries: list[trio.Nursery] = []
 
     async with trio.open_nursery() as nursery:
+        nurseries.append(nursery)
+        # The DNSSEC probe answers before the first stream is judged (DESIGN §2.1 item 5).
+        await nursery.start(probe_periodically, resolvers[0])
         await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound,
                                     websocket_listeners=websocket))
         if metrics_listeners:

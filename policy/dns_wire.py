@@ -51,9 +51,15 @@ def parse_response(wire: bytes) -> dns.message.Message:
     # additional) cost nothing worse than a shorter negative-cache time.
     message = dns.message.from_wire(wire, continue_on_error=True)
     try:
-        message.answer = _lenient_answer(wire)
+        rebuilt = _lenient_answer(wire)
     except (dns.exception.DNSException, ValueError, struct.error) as exc:
         raise dns.exception.FormError(f"{strict_error}; {exc}") from None
+    for rrset in rebuilt:
+        # Merge into the message's own RRsets (through its API, so its lookup index stays
+        # right): the records dnspython skipped join the ones it parsed.
+        mine = message.find_rrset(message.answer, rrset.name, rrset.rdclass, rrset.rdtype,
+                                  rrset.covers, create=True)
+        mine.update(rrset)
     return message
 
 
@@ -61,11 +67,11 @@ def _lenient_answer(wire: bytes) -> list[dns.rrset.RRset]:
     parser = dns.wire.Parser(wire)
     _id, _flags, qdcount, ancount, _ns, _ar = parser.get_struct("!HHHHHH")
     for _ in range(qdcount):
-        parser.get_name()
+        parser.get_name(decompress=True)
         parser.get_struct("!HH")
     rrsets: dict[tuple, dns.rrset.RRset] = {}
     for _ in range(ancount):
-        name = parser.get_name()
+        name = parser.get_name(decompress=True)
         rdtype, rdclass, ttl, rdlen = parser.get_struct("!HHIH")
         start = parser.current
         try:

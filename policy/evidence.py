@@ -56,3 +56,6 @@ class Evidence:
     statuses: dict[str, DnsStatus] = field(default_factory=dict)
     alias_targets: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # Seconds until the shortest-lived answer this evidence rests on expires (DESIGN §2.1,
+    # §3.4); None when nothing came from DNS (static policy evidence only).
+    ttl: int | None = None

@@ -91,6 +91,7 @@ class PeerEvidence:
     domain_tlsa_name: str | None = None
     domain_statuses: Mapping[str, DnsStatus] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    ttl: int | None = None    # shortest TTL of the answers used; None: no DNS lookup made
 
     @property
     def failed(self) -> bool:
@@ -127,6 +128,7 @@ class PeerEvidence:
             statuses=statuses,
             alias_targets=(target.alias,) if target.alias else (),
             notes=self.notes,
+            ttl=self.ttl,
         )
 
     def for_inbound(self) -> Evidence:
@@ -165,6 +167,7 @@ class PeerEvidence:
             statuses=statuses,
             alias_targets=tuple(dict.fromkeys(t.alias for t in self.targets if t.alias)),
             notes=self.notes,
+            ttl=self.ttl,
         )
 
     def describe(self) -> list[str]:
@@ -306,6 +309,7 @@ async def gather(
     records: list[_Srv] = []
     no_service = False
     starttls_srv_exists = False
+    answers: dict[str, Answer] = {}
     if static_srv:
         srv_statuses[f"SRV {STARTTLS_SERVICE}.{d} ({STATIC})"] = DnsStatus.SECURE
         records = [
@@ -317,8 +321,6 @@ async def gather(
         records = real
         starttls_srv_exists = True
     else:
-        answers: dict[str, Answer] = {}
-
         async def srv(service: str) -> None:
             answers[service] = await resolver.lookup(f"{service}.{d}", "SRV")
 
@@ -469,6 +471,8 @@ async def gather(
         domain_tlsa_name=(STATIC if static_tlsa else domain_tlsa_name if domain_answer is not None else None),
         domain_statuses=domain_statuses,
         notes=_notes(resolver),
+        ttl=min((a.ttl for a in (*answers.values(), *results.values(), *expanded_answers.values())),
+                default=None),
     )
 
 

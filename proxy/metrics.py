@@ -154,6 +154,10 @@ class Metrics:
         self.cert_expiry = Gauge(
             f"{PREFIX}_certificate_expiry_timestamp_seconds", "notAfter of each local "
             "domain's certificate, as Unix time (alert well before it).", ["domain"], registry=r)
+        self.reverifications = Counter(
+            f"{PREFIX}_reverifications", "Accepted pairs judged again when their evidence "
+            "expired or after a reload (DESIGN §3.4): kept, revoked (stream closed), or "
+            "deferred (resolver outage within dns.reverify_grace).", ["direction", "result"], registry=r)
         self.dns_validating = Gauge(
             f"{PREFIX}_dns_resolver_validating", "1 while the resolver answers dns.probe with "
             "AD, 0 while it does not (insecure answers then count as unvalidated and reject).",
@@ -209,6 +213,10 @@ class Metrics:
         self.dns_lookups.labels(_bounded(str(rrtype).upper(), DNS_RRTYPES),
                                 _bounded(str(status), DNS_STATUSES),
                                 "cache" if cached else "resolver").inc()
+
+    def reverification(self, direction: str, result: str) -> None:
+        self.reverifications.labels(_bounded(direction, DIRECTIONS),
+                                    _bounded(result, ("kept", "revoked", "deferred"))).inc()
 
     def dns_probe(self, resolver: str, ok: bool) -> None:
         """The DNSSEC probe's latest result for one configured resolver (DESIGN §2.1 item 5)."""

@@ -403,6 +403,19 @@ class OutboundSession:
         self._finish(out, "ok")
         return out
 
+    def revoked(self, condition: str, text: str) -> Output:
+        """DESIGN §3.4: the peer is no longer accepted — a stream error to it saying what
+        changed, the backend's stream ended politely, the end."""
+        out = Output()
+        if self.state != "relaying":
+            return out
+        if not self.peer_closed:
+            out.to_peer += stream_error(condition, text)
+        if not self.backend_closed:
+            out.to_backend += STREAM_CLOSE
+        self._finish(out, condition)
+        return out
+
     def lost(self, outcome: str = "ok") -> None:
         """A connection broke while sending: the session is over."""
         self._finish(Output(), outcome)
@@ -433,6 +446,7 @@ class OutboundContext:
     close_timeout: float = CLOSE_TIMEOUT
     happy_eyeballs_delay: float = HAPPY_EYEBALLS_DELAY
     metrics: object | None = None   # proxy.metrics.Metrics
+    reverify: object | None = None  # proxy.reverify.Reverifier (DESIGN §3.4)
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -532,6 +546,7 @@ class _Run:
         self.ctx = ctx
         self.backend_addr = backend_addr
         self.peer: trio.abc.Stream | None = None
+        self.connection = None   # the PeerConnection once a peer is accepted
         self.peer_addr = "-"
         self._backend_lock = trio.Lock()
         self._peer_lock = trio.Lock()
@@ -652,6 +667,7 @@ class _Run:
                       domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
             return None
         self.peer = connection.stream
+        self.connection = connection
         self.peer_addr = connection.attempt.address or "-"
         if ctx.metrics is not None:
             ctx.metrics.handshake("outbound", time.monotonic() - self.started)
@@ -698,9 +714,37 @@ class _Run:
                         nursery.start_soon(close_timer)
 
             assert self.peer is not None
-            nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
-            nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
+            watched = self._watch(nursery)
+            try:
+                nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
+                nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
+            finally:
+                if watched is not None:
+                    self.ctx.reverify.unwatch(watched)  # type: ignore[union-attr]
         return session.outcome or "ok"
+
+    def _watch(self, nursery: trio.Nursery):
+        """DESIGN §3.4: the accepted peer is judged again when its evidence expires."""
+        from proxy.reverify import judge_outbound
+
+        reverify, connection = self.ctx.reverify, self.connection
+        if reverify is None or connection is None or connection.attempt.verdict is None:
+            return None
+        attempt, opening = connection.attempt, self.session.opening
+        assert opening is not None
+        tls_version = attempt.tls.version if attempt.tls is not None else ""
+
+        async def judge():
+            ctx = reverify.outbound_context() if reverify.outbound_context else self.ctx
+            return await judge_outbound(ctx, opening.peer_domain, attempt.target, attempt.chain, tls_version,
+                                        websocket=attempt.mode == "websocket")
+
+        async def revoke(condition: str, text: str) -> None:
+            await self._send_quietly(self.session.revoked(condition, text))
+            nursery.cancel_scope.cancel()
+
+        return reverify.watch("outbound", opening.peer_domain, self.peer_addr, attempt.verdict, judge, revoke,
+                              local=opening.local_domain)
 
     async def goodbye(self) -> str:
         """The proxy is stopping: system-shutdown to the backend, close to the peer."""

@@ -547,6 +547,7 @@ class _Run:
         self.backend_addr = backend_addr
         self.peer: trio.abc.Stream | None = None
         self.connection = None   # the PeerConnection once a peer is accepted
+        self._watched = None     # its proxy.reverify handle while relaying
         self.peer_addr = "-"
         self._backend_lock = trio.Lock()
         self._peer_lock = trio.Lock()
@@ -714,13 +715,9 @@ class _Run:
                         nursery.start_soon(close_timer)
 
             assert self.peer is not None
-            watched = self._watch(nursery)
-            try:
-                nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
-                nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
-            finally:
-                if watched is not None:
-                    self.ctx.reverify.unwatch(watched)  # type: ignore[union-attr]
+            nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
+            nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
+            self._watched = self._watch(nursery)
         return session.outcome or "ok"
 
     def _watch(self, nursery: trio.Nursery):
@@ -755,6 +752,9 @@ class _Run:
         return "system-shutdown"
 
     async def close_all(self) -> None:
+        if self._watched is not None:
+            self.ctx.reverify.unwatch(self._watched)  # type: ignore[union-attr]
+            self._watched = None
         with trio.CancelScope(shield=True):
             if self.peer is not None:
                 with trio.move_on_after(_GOODBYE_TIMEOUT):

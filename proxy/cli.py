@@ -231,7 +231,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_REJECT
     count = policies.files if policies else 0
     print(f"{cfg.path}: ok ({len(cfg.domains)} domains, {count} policy files)")
+    for line in probe_warnings(cfg):
+        print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def probe_warnings(cfg) -> list[str]:
+    """DESIGN §2.1 item 5: ask each resolver for `dns.probe` now; a resolver that does not
+    validate is a warning here (the files are fine, and at boot the resolver may not be up
+    yet), while the running proxy fails closed: insecure answers count as unvalidated."""
+    import trio
+
+    from policy.dns import Resolver
+
+    resolver = Resolver(cfg.dns.nameservers, cfg.dns.trust_ad_from, cfg.dns.timeout, probe=cfg.dns.probe)
+    return [f"warning: dns: {r.describe()}; while it does not, every answer that would be insecure "
+            f"counts as unvalidated and rejects" for r in trio.run(resolver.probe) if not r.ok]
 
 
 def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:

@@ -392,3 +392,18 @@ def test_reload_with_an_unreadable_policy_file_keeps_the_old_state(tmp_path):
     assert not result.ok
     assert any("new.example.toml:0: policy file is not a regular file" in m for m in result.errors)
     assert holder.state.policies.for_domain("evil.example").require == "block"
+
+
+def test_check_config_says_when_the_resolver_does_not_validate(dns_env, tmp_path):
+    (tmp_path / "policy.d").mkdir()
+    config = tmp_path / "config.toml"
+    for address, warned in ((dns_env.nonvalidating_address, True), (dns_env.resolver_address, False)):
+        config.write_text(f'[dns]\nnameservers = ["{address}"]\ntimeout = 2.0\n'
+                          f'[policy]\ndir = "{tmp_path / "policy.d"}"\n')
+        done = subprocess.run([sys.executable, "-m", "proxy", "check-config", "-c", str(config)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith(f"{config}: ok"), done.stdout + done.stderr
+        expected = (f"warning: dns: resolver {address} does not validate DNSSEC: probe '.' answered "
+                    f"without the AD bit; while it does not, every answer that would be insecure counts "
+                    f"as unvalidated and rejects\n")
+        assert done.stderr == (expected if warned else ""), done.stderr

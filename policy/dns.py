@@ -406,10 +406,13 @@ class Resolver:
             self._probed_at = self._clock()
         return self.probe_results()
 
-    async def _probe_if_due(self) -> None:
+    def _probe_due(self) -> bool:
         if self.probe_name is None:
-            return
-        if self._probed_at is not None and self._clock() - self._probed_at < self.probe_interval:
+            return False
+        return self._probed_at is None or self._clock() - self._probed_at >= self.probe_interval
+
+    async def _probe_if_due(self) -> None:
+        if not self._probe_due():
             return
         if self._probe_lock.locked():
             async with self._probe_lock:  # someone is probing: wait for their result
@@ -465,12 +468,15 @@ class Resolver:
         except dns.exception.DNSException:
             raise ValueError(f"unknown DNS record type {rdtype!r}") from None
         key = (qname, int(qtype))
-        result: list[tuple[Answer, bool]] = []
-        # The probe (when due) runs beside the lookup, so a dead resolver costs one timeout.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._probe_if_due)
-            result.append(await self._lookup(key, qname, qtype))
-        raw, cached = result[0]
+        if self._probe_due():
+            result: list[tuple[Answer, bool]] = []
+            # The probe runs beside the lookup, so a dead resolver costs one timeout, not two.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_if_due)
+                result.append(await self._lookup(key, qname, qtype))
+            raw, cached = result[0]
+        else:
+            raw, cached = await self._lookup(key, qname, qtype)
         answer = self._judge(raw)
         self._report(answer, cached)
         return answer

@@ -397,9 +397,11 @@ def test_reload_with_an_unreadable_policy_file_keeps_the_old_state(tmp_path):
 def test_check_config_says_when_the_resolver_does_not_validate(dns_env, tmp_path):
     (tmp_path / "policy.d").mkdir()
     config = tmp_path / "config.toml"
+    cert, key = self_signed(["home.example"]).write(tmp_path, "home")
     for address, warned in ((dns_env.nonvalidating_address, True), (dns_env.resolver_address, False)):
         config.write_text(f'[dns]\nnameservers = ["{address}"]\ntimeout = 2.0\n'
-                          f'[policy]\ndir = "{tmp_path / "policy.d"}"\n')
+                          f'[policy]\ndir = "{tmp_path / "policy.d"}"\n'
+                          f'[[domain]]\nname = "home.example"\ncert = "{cert}"\nkey = "{key}"\n')
         done = subprocess.run([sys.executable, "-m", "proxy", "check-config", "-c", str(config)],
                               capture_output=True, text=True, cwd=REPO, timeout=60)
         assert done.returncode == 0 and done.stdout.startswith(f"{config}: ok"), done.stdout + done.stderr

@@ -718,31 +718,10 @@ class _Run:
             assert self.peer is not None
             nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
             nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
-            self._watched = self._watch(nursery)
+            if self.ctx.reverify is not None:   # DESIGN §3.4: judged again when evidence expires
+                from proxy.reverify import watch_outbound
+                self._watched = watch_outbound(self, nursery)
         return session.outcome or "ok"
-
-    def _watch(self, nursery: trio.Nursery):
-        """DESIGN §3.4: the accepted peer is judged again when its evidence expires."""
-        from proxy.reverify import judge_outbound
-
-        reverify, connection = self.ctx.reverify, self.connection
-        if reverify is None or connection is None or connection.attempt.verdict is None:
-            return None
-        attempt, opening = connection.attempt, self.session.opening
-        assert opening is not None
-        tls_version = attempt.tls.version if attempt.tls is not None else ""
-
-        async def judge():
-            ctx = reverify.outbound_context() if reverify.outbound_context else self.ctx
-            return await judge_outbound(ctx, opening.peer_domain, attempt.target, attempt.chain, tls_version,
-                                        websocket=attempt.mode == "websocket")
-
-        async def revoke(condition: str, text: str) -> None:
-            await self._send_quietly(self.session.revoked(condition, text))
-            nursery.cancel_scope.cancel()
-
-        return reverify.watch("outbound", opening.peer_domain, self.peer_addr, attempt.verdict, judge, revoke,
-                              local=opening.local_domain)
 
     async def goodbye(self) -> str:
         """The proxy is stopping: system-shutdown to the backend, close to the peer."""

@@ -44,7 +44,8 @@ from proxy.logsetup import log_decision, log_event
 
 log = logging.getLogger("xmpp_dane_proxy.reverify")
 
-__all__ = ["Reverifier", "Watched", "judge_inbound", "judge_outbound", "revocation_condition", "watch_inbound"]
+__all__ = ["Reverifier", "Watched", "judge_inbound", "judge_outbound", "revocation_condition", "watch_inbound",
+           "watch_outbound"]
 
 # Never re-judge one pair more often than this: a zero or tiny TTL (or a POSH document with
 # expires 0) would otherwise turn into a lookup loop.  30 s is unbound's default
@@ -279,6 +280,30 @@ def watch_inbound(conn, domain: str, verdict: Verdict) -> Watched:
         await conn._perform(conn.session.revoked(condition, text))
 
     return reverify.watch("inbound", domain, conn.peer, verdict, judge, revoke)
+
+
+def watch_outbound(run, nursery: trio.Nursery) -> Watched | None:
+    """Register the peer accepted for the outbound stream `run` (a `proxy.outbound._Run` in
+    its relay phase); revoking sends the session's goodbye and cancels the relay `nursery`."""
+    reverify: Reverifier = run.ctx.reverify
+    connection, opening = run.connection, run.session.opening
+    if connection is None or opening is None or connection.attempt.verdict is None:
+        return None
+    attempt = connection.attempt
+    version = attempt.tls.version if attempt.tls is not None else ""
+    websocket = attempt.mode == "websocket"
+
+    async def judge() -> tuple[Verdict, float | None]:
+        ctx = reverify.outbound_context() if reverify.outbound_context else run.ctx
+        return await judge_outbound(ctx, opening.peer_domain, attempt.target, attempt.chain, version,
+                                    websocket=websocket)
+
+    async def revoke(condition: str, text: str) -> None:
+        await run._send_quietly(run.session.revoked(condition, text))
+        nursery.cancel_scope.cancel()
+
+    return reverify.watch("outbound", opening.peer_domain, run.peer_addr, attempt.verdict, judge, revoke,
+                          local=opening.local_domain)
 
 
 async def judge_outbound(ctx, domain: str, target, chain: Sequence[x509.Certificate],

@@ -409,3 +409,47 @@ def test_check_config_says_when_the_resolver_does_not_validate(dns_env, tmp_path
                     f"without the AD bit; while it does not, every answer that would be insecure counts "
                     f"as unvalidated and rejects\n")
         assert done.stderr == (expected if warned else ""), done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: reading an RRset record by record loses nothing and decides like `verify`
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_records = st.lists(
+    st.tuples(st.sampled_from([2, 3]), st.sampled_from([0, 1]), st.sampled_from([0, 1, 2]),
+              st.binary(min_size=0, max_size=80)),
+    min_size=1, max_size=6, unique=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_records)
+def test_every_record_survives_the_wire_and_malformed_ones_are_named(records):
+    import dns.message
+    import dns.rdata
+    import dns.rrset
+
+    from policy.dns import Answer
+    from policy.dns_wire import parse_response
+    from policy.peer_evidence import tlsa_from_answer
+    from policy.tlsa import TlsaRecord, usable_records
+
+    query = dns.message.make_query("_5269._tcp.x.example.", "TLSA")
+    response = dns.message.make_response(query)
+    raw = [bytes((u, s, m)) + data for u, s, m, data in records]
+    response.answer.append(dns.rrset.from_rdata_list(
+        "_5269._tcp.x.example.", 60, [dns.rdata.GenericRdata(1, 52, r) for r in raw]))
+    (rrset,) = parse_response(response.to_wire()).answer
+    answer = Answer("_5269._tcp.x.example", "TLSA", SECURE, tuple(rrset), 60)
+    parsed = tlsa_from_answer(answer)
+    # Nothing lost, nothing altered: every record comes back with its bytes.
+    assert sorted((r.usage, r.selector, r.mtype, r.data) for r in parsed) == sorted(records)
+    assert all(isinstance(r, TlsaRecord) for r in parsed)
+    # A record is usable exactly when its digest length fits (or a type-0 parses); the
+    # unusable ones are named with why — the same rules `verify --tlsa` applies.
+    usable = usable_records(parsed, {2, 3})
+    for text, why in usable.ignored:
+        assert why
+    for record in usable.usable:
+        assert record.mtype != 1 or len(record.data) == 32
+        assert record.mtype != 2 or len(record.data) == 64

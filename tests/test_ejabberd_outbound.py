@@ -1,0 +1,166 @@
+"""ejabberd's outgoing S2S through contrib/ejabberd/mod_s2s_dane_proxy.erl (DESIGN §3.2, issue 12).
+
+The module is compiled with `erlc` at test time into a temporary folder and loaded with `-pa`.
+
+* The fallback is closed: with every resolver dead (Erlang's inet_res and the C library's
+  resolv.conf point at dead loopback ports) and the peer domain in ejabberd's /etc/hosts, a
+  "peer" listener on the address and port ejabberd's own fallback would use (the domain's
+  address on `outgoing_s2s_port`) sees no connection when the module is loaded and the proxy
+  is down: the message bounces.  The same setup without the module connects to that
+  listener -- the control that shows the test can fail.
+* Through the real proxy (RunningProxy with `outbound.listen`, in-process): a peer Prosody or
+  ejabberd whose secure TLSA matches gets the message; one whose TLSA mismatches gets nothing
+  (not even a connection with the backend's stream) and ejabberd's user gets a bounce; the
+  proxy's decision line has the verdict and reason.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from ejabberdenv import EjabberdHost, ejabberd_factory, ejabberd_libs  # noqa: F401 (fixture)
+from pki import TestCA, self_signed
+from prosodyenv import ProsodyDns, VirtualHost, free_port, prosody_factory  # noqa: F401 (fixture)
+from proxyenv import RunningProxy, write_config, write_policies
+from xmppclient import XmppError, deliver_message
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "ejabberd"
+USER, PASSWORD = "u", "pw"
+TIMEOUT = 15.0
+BACKEND_IP = "127.0.5.10"
+PEER_IP = "127.0.5.11"
+PROXY_IP = "127.0.5.12"
+# dNSName SANs only: an xmppAddr SAN crashes ejabberd 23.01's certificate check (see
+# tests/test_ejabberdenv.py).
+CA = TestCA("ejabberd outbound Test Root")
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory) -> Path:
+    """contrib/ejabberd/mod_s2s_dane_proxy.erl compiled with erlc (warnings are errors)."""
+    out = tmp_path_factory.mktemp("ebin")
+    result = subprocess.run(
+        ["erlc", "-Werror", "-pa", str(next(ejabberd_libs().glob("ejabberd-*/ebin"))), "-o", str(out),
+         str(CONTRIB / "mod_s2s_dane_proxy.erl")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "mod_s2s_dane_proxy.beam").is_file()
+    return out
+
+
+class Listener:
+    """A TCP listener that accepts and counts connections in a thread, keeping them open and
+    answering nothing: a peer that must not be reached directly."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((ip, 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        self.accepted: list[socket.socket] = []
+        self._arrived = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:   # closed by close()
+                return
+            self.accepted.append(conn)
+            self._arrived.set()
+
+    def connections(self, wait: float = 0.0) -> int:
+        """Connections so far; with `wait`, block up to that long for the first one."""
+        if wait:
+            self._arrived.wait(wait)
+        return len(self.accepted)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept() (Linux)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(5)
+        for conn in self.accepted:
+            conn.close()
+
+
+def _dead_port_backend(ejabberd_factory, module_dir, domain: str, peer: Listener, peer_domain: str, *,
+                       with_module: bool):
+    """An ejabberd backend with every resolver dead and `peer_domain` -> the listener's
+    address in its /etc/hosts, `outgoing_s2s_port` = the listener's port.  With the module,
+    the proxy address is a loopback port nobody listens on."""
+    dead_proxy_port = free_port("127.0.0.1")   # bound and closed: connection refused
+    modules = {"mod_s2s_dane_proxy": {"ip": "127.0.0.1", "port": dead_proxy_port}} if with_module else {}
+    return ejabberd_factory(
+        [EjabberdHost(domain, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP,
+        etc_hosts={peer_domain: peer.address[0]}, modules=modules, code_paths=[module_dir],
+        options={"outgoing_s2s_port": peer.address[1]}), dead_proxy_port
+
+
+def send_for_bounce(sender, to: str, body: str, timeout: float = TIMEOUT) -> str | None:
+    """Log `sender` in, send `body` to `to` (a JID elsewhere) and return the error bounce's
+    text when it arrives within `timeout`, else None."""
+
+    async def run() -> str | None:
+        client = await sender.login(resource="sender", timeout=timeout)
+        try:
+            await client.send_presence()
+            await client.send_message(to, body)
+            try:
+                bounce = await client.xs.wait_for(
+                    lambda s: s.name == "message" and s.get("type") == "error"
+                    and (s.get("from") or "").split("/")[0] == to, timeout=timeout)
+            except trio.TooSlowError:
+                return None
+            return str(bounce)
+        finally:
+            await client.aclose()
+
+    return trio.run(run)
+
+
+def test_without_the_module_ejabberd_falls_back_to_the_peer_directly(ejabberd_factory, module_dir):
+    # The control: ejabberd's own fallback (SRV lookup failed -> the domain's address on
+    # outgoing_s2s_port, through the C library) reaches the listener.
+    peer = Listener(PEER_IP)
+    try:
+        backend, _ = _dead_port_backend(ejabberd_factory, module_dir, "home.test", peer, "peer.test",
+                                        with_module=False)
+        # The listener never answers: do not wait for an outcome of the message.
+        send_for_bounce(backend.account(f"{USER}@home.test", PASSWORD), f"{USER}@peer.test", "goes direct",
+                        timeout=0.5)
+        assert peer.connections(wait=TIMEOUT) >= 1
+        backend.wait_for_log(r"Outbound s2s connection started: home\.test -> peer\.test")
+    finally:
+        peer.close()
+
+
+def test_with_the_module_and_every_resolver_dead_nothing_reaches_the_peer(ejabberd_factory, module_dir):
+    peer = Listener(PEER_IP)
+    try:
+        backend, proxy_port = _dead_port_backend(ejabberd_factory, module_dir, "home.test", peer, "peer.test",
+                                                 with_module=True)
+        backend.wait_for_log(rf"Outgoing s2s connections of home\.test are routed to the DANE proxy at "
+                             rf"127\.0\.0\.1:{proxy_port}")
+        bounce = send_for_bounce(backend.account(f"{USER}@home.test", PASSWORD), f"{USER}@peer.test",
+                                 "must not go direct")
+        # The proxy is down: the connection to it is refused, and that is the end of it.
+        assert bounce is not None and "Connection failed: connection refused" in bounce, bounce
+        backend.wait_for_log(r"Failed to establish outbound s2s connection home\.test -> peer\.test: "
+                             r"Connection failed: connection refused; bouncing for")
+        # The stream has ended (bounced, logged): had ejabberd fallen back to its own DNS, it
+        # would have connected to the listener before giving up.
+        assert peer.connections() == 0
+    finally:
+        peer.close()

@@ -164,3 +164,101 @@ def test_with_the_module_and_every_resolver_dead_nothing_reaches_the_peer(ejabbe
         assert peer.connections() == 0
     finally:
         peer.close()
+
+
+# ------------------------------------------------------------------------------ through the proxy
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory) -> Path:
+    return CA.write_root(tmp_path_factory.mktemp("ca") / "root.pem")
+
+
+def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_factory, module_dir,
+          policies: dict | None = None):
+    """The local site: the proxy (inbound on PROXY_IP, `outbound.listen` on loopback, in-process)
+    and an ejabberd backend for a fresh domain L routing its outgoing S2S there with the module.
+    L's SRV points at the proxy's inbound side, so a peer checking the backend's dialback key
+    comes back through the proxy too."""
+    local = dns_env.fresh(dns_env.secure, "home")
+    backend_port = free_port(BACKEND_IP)
+    cert_path, key_path = CA.issue([local]).write(tmp_path / "proxy", local)
+    config = write_config(
+        tmp_path / "proxy" / "config.toml", listen=[f"{PROXY_IP}:0"], backend=f"{BACKEND_IP}:{backend_port}",
+        domains=[(local, cert_path, key_path)], nameservers=[dns_env.resolver_address],
+        policy_dir=write_policies(tmp_path / "policy.d", policies or {}), ca_file=ca_file,
+        outbound_listen=["127.0.0.1:0"])
+    proxy = stack.enter_context(RunningProxy(config))
+    out_ip, out_port = proxy.outbound
+    backend = ejabberd_factory(
+        [EjabberdHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
+        modules={"mod_s2s_dane_proxy": {"ip": out_ip, "port": out_port}}, code_paths=[module_dir])
+    in_ip, in_port = proxy.inbound
+    dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
+    return local, proxy, backend
+
+
+def _peer_domain(dns_env, matching: bool) -> tuple[str, object, int]:
+    """A peer domain in the signed zone with SRV/A at PEER_IP and a TLSA that matches its
+    certificate (or names another key)."""
+    name = dns_env.fresh(dns_env.secure, "peer")
+    cert = CA.issue([name])
+    port = free_port(PEER_IP)
+    tlsa_cert = cert.cert if matching else self_signed([name]).cert
+    dns_env.publish_xmpp(name, f"xmpp.{name}", port, PEER_IP, tlsa_cert, "3 1 1")
+    return name, cert, port
+
+
+def _peer_server(kind: str, prosody_factory, ejabberd_factory, dns_env, ca_file, name, cert, port, local):
+    if kind == "prosody":
+        return prosody_factory([VirtualHost(name, cert=cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
+                               s2s_port=port, ca_file=ca_file,
+                               dns=ProsodyDns.validating(dns_env.resolver_address, dns_env.trust_anchor_text))
+    return ejabberd_factory([EjabberdHost(name, cert=cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
+                            s2s_port=port, ca_file=ca_file, nameserver=dns_env.resolver_address,
+                            etc_hosts={f"xmpp.{local}": PROXY_IP})
+
+
+@pytest.mark.parametrize("peer_kind", ["prosody", "ejabberd"])
+def test_ejabberd_backend_delivers_through_the_module_to_an_accepted_peer(
+        ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, peer_kind):
+    with ExitStack() as stack:
+        local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
+        name, cert, port = _peer_domain(dns_env, matching=True)
+        peer = _peer_server(peer_kind, prosody_factory, ejabberd_factory, dns_env, ca_file, name, cert, port, local)
+
+        got = deliver_message(backend.account(f"{USER}@{local}", PASSWORD), peer.account(f"{USER}@{name}", PASSWORD),
+                              "ejabberd out through the proxy", timeout=TIMEOUT)
+        assert got.get("from") == f"{USER}@{local}/sender"
+        decision = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
+        assert (decision["verdict"], decision["prooftype"]) == ("accept", "dane-ee"), decision
+        # ejabberd authenticated by dialback over the proxy; the backend's own connection went
+        # to outbound.listen, never to the peer's address.
+        backend.wait_for_log(rf"Accepted outbound s2s dialback authentication {re.escape(local)} -> "
+                             rf"{re.escape(name)} \(127\.0\.0\.1\)")
+        assert f"({PEER_IP})" not in backend.log_text()
+
+
+@pytest.mark.parametrize("peer_kind", ["prosody", "ejabberd"])
+def test_ejabberd_backend_message_to_a_mismatching_peer_bounces_with_the_reason(
+        ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, peer_kind):
+    with ExitStack() as stack:
+        local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
+        name, cert, port = _peer_domain(dns_env, matching=False)
+        peer = _peer_server(peer_kind, prosody_factory, ejabberd_factory, dns_env, ca_file, name, cert, port, local)
+
+        bounce = send_for_bounce(backend.account(f"{USER}@{local}", PASSWORD), f"{USER}@{name}", "must not arrive")
+        assert bounce is not None, "no bounce"
+        # The proxy's stream error text reaches ejabberd's user in full.
+        assert "no usable TLSA record matches" in bounce, bounce
+        decision = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
+        assert decision["verdict"] == "reject" and "no usable TLSA record matches" in decision["reason"], decision
+        backend.wait_for_log(rf"Failed to establish outbound s2s connection {re.escape(local)} -> {re.escape(name)}: "
+                             r"Stream closed by peer: no server of .* no usable TLSA record matches .*"
+                             r"\(remote-connection-failed\)")
+        # The peer never saw the backend's stream: no incoming stream from L was established.
+        log = peer.log_text()
+        assert "must not arrive" not in log
+        if peer_kind == "prosody":
+            assert f"Incoming s2s connection {local}->{name} complete" not in log
+        else:
+            assert not re.search(rf"Accepted inbound s2s \S+ authentication {re.escape(local)} -> ", log), log

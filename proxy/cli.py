@@ -17,11 +17,10 @@ from policy.decide import decide
 from policy.evidence import DnsStatus, Evidence
 from policy.pkix import TrustStore, TrustStoreError
 from policy.pkix_names import normalise_domain
-from policy.policyfile import (DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy,
-                               PolicyError, PolicySet)
+from policy.policyfile import DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy
 from policy.tlsa import parse_tlsa_lenient, record_for
 from proxy import certfiles
-from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from proxy.config import DEFAULT_CONFIG_PATH
 
 EXIT_OK, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
 _DNSSEC_CHOICES = ("secure", "insecure", "bogus")
@@ -70,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--host", default=None)
     t.add_argument("--port", type=int, default=5269)
 
+    cp = sub.add_parser("contrib-path", help="print where the backends' modules (contrib/) are installed",
+                        description="Print the directory of the installed backend modules, for "
+                                    "Prosody's plugin_paths or ejabberd's modules directory.")
+    cp.add_argument("backend", nargs="?", default=None,
+                    help="a backend (prosody, ejabberd): print its subdirectory instead of contrib/ itself")
+
     ch = sub.add_parser("check", help="live check of a peer domain")
     ch.add_argument("domain")
     ch.add_argument("-c", "--config", default=None)
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "verify": cmd_verify,
-               "tlsa": cmd_tlsa, "check": cmd_check}[args.command]
+               "tlsa": cmd_tlsa, "check": cmd_check, "contrib-path": cmd_contrib_path}[args.command]
     try:
         return handler(args)
     except BadInput as exc:
@@ -206,41 +211,15 @@ def cmd_tlsa(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    errors: list[str] = []
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.messages:
-            print(line, file=sys.stderr)
+    from proxy.check_config import check_config_file
+
+    report = check_config_file(args.config)
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if not report.ok:
         return EXIT_REJECT
-    policies = None
-    try:
-        policies = PolicySet.load(cfg.policy.dir or None)
-    except PolicyError as exc:
-        errors.extend(exc.messages)
-    if cfg.policy.ca_file:
-        try:
-            TrustStore.load(cfg.policy.ca_file)
-        except TrustStoreError as exc:
-            errors.append(f"{cfg.path}:0: policy.ca_file: {exc}")
-    for dom in cfg.domains:
-        errors.extend(check_domain_files(cfg.path, dom.name, dom.cert, dom.key))
-    if errors:
-        for line in errors:
-            print(line, file=sys.stderr)
-        return EXIT_REJECT
-    count = policies.files if policies else 0
-    print(f"{cfg.path}: ok ({len(cfg.domains)} domains, {count} policy files)")
+    print(report.summary())
     return EXIT_OK
-
-
-def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:
-    """Problems with a local domain's certificate and key, as `file:line: message` lines."""
-    try:
-        certfiles.load_identity(cert_path, key_path)
-    except certfiles.CertFileError as exc:
-        return [f"{config_path}:0: domain {name}: {exc}"]
-    return []
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -279,3 +258,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     return trio.run(functools.partial(run_check, args.domain, config=args.config,
                                       nameserver=args.nameserver, as_json=args.json))
+
+
+def cmd_contrib_path(args: argparse.Namespace) -> int:
+    from proxy.contrib_path import backends, contrib_dir
+
+    root = contrib_dir()
+    if root is None:
+        raise BadInput("contrib/ is not installed with this copy of the proxy; reinstall it with pip")
+    if args.backend is None:
+        print(root)
+    elif args.backend in backends():
+        print(root / args.backend)
+    else:
+        raise BadInput(f"no modules for {args.backend!r} (there are: {', '.join(backends())})")
+    return EXIT_OK

@@ -22,6 +22,7 @@ from policy.policyfile import PolicyError, PolicySet
 from policy.tomlfile import TomlDocument, TomlFileError
 from proxy import certfiles
 from proxy.config import Config, DomainConfig, config_and_errors
+from proxy.own_tlsa import next_key_problems
 
 
 @dataclass
@@ -73,6 +74,7 @@ def check_config_file(path: str, *, now: _dt.datetime | None = None) -> ConfigRe
     when = now or _dt.datetime.now(_dt.timezone.utc)
     for dom in cfg.domains:
         report.errors.extend(check_domain(doc, dom, when))
+        report.errors.extend(next_key_problems(doc, dom))    # the staged TLSA rollover key (own_tlsa)
     return report
 
 

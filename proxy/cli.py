@@ -61,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="D's POSH document (RFC 7711 JSON, as served at /.well-known/posh/xmpp-server.json)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
-    t = sub.add_parser("tlsa", help="print the TLSA record for a certificate")
-    t.add_argument("--cert", required=True)
+    t = sub.add_parser("tlsa", help="print the TLSA record for a certificate, or check our own (--check)")
+    t.add_argument("--cert", default=None,
+                   help="PEM chain to print a record for; with --check: a candidate chain to compare instead of the served one")
+    t.add_argument("--check", metavar="DOMAIN", default=None,
+                   help="compare a [[domain]]'s published TLSA with the served chain and staged next key")
+    t.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="with --check: the proxy's config file")
+    t.add_argument("--nameserver", default=None, help="with --check: resolver HOST[:PORT] instead of [dns]")
+    t.add_argument("--json", action="store_true", help="with --check: print one JSON object")
     t.add_argument("--usage", default="3")
     t.add_argument("--selector", default="1")
     t.add_argument("--mtype", default="1")
@@ -80,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-c", "--config", default=None)
     ch.add_argument("--nameserver", default=None)
     ch.add_argument("--json", action="store_true")
+    ch.add_argument("--inbound", action="store_true",
+                    help="apply the inbound rules (a peer of DOMAIN connecting to us) instead of the outbound ones")
+    ch.add_argument("--cert", default=None, help="with --inbound: the chain the peer presented (PEM, leaf first)")
     return p
 
 
@@ -174,6 +183,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"matched:   {verdict.matched or '-'}")
         print(f"identity:  {verdict.identity or '-'}")
         print(f"reason:    {verdict.reason}")
+        from proxy.metrics import reason_category
+
+        if chain and reason_category(verdict) == "dane-mismatch":
+            # As posttls-finger / ldns-dane do: the chain's own values beside the records, in full.
+            from policy.chain_tlsa import mismatch_lines
+
+            print("\n".join(mismatch_lines(chain, evidence.tlsa, indent="")))
     return EXIT_OK if verdict.accepted else EXIT_REJECT
 
 
@@ -185,6 +201,17 @@ def _field(text: str, mnemonics: dict[str, int], flag: str, allowed: tuple[int, 
 
 
 def cmd_tlsa(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        import functools
+
+        import trio
+
+        from proxy.own_tlsa import run_tlsa_check
+
+        return trio.run(functools.partial(run_tlsa_check, args.check, config=args.config,
+                                          nameserver=args.nameserver, cert=args.cert, as_json=args.json))
+    if args.cert is None:
+        raise BadInput("--cert PEM is needed (or --check DOMAIN)")
     usage = _field(args.usage, {v: k for k, v in tlsa_mod.USAGE_NAMES.items()}, "--usage", (0, 1, 2, 3))
     selector = _field(args.selector, {"CERT": 0, "SPKI": 1}, "--selector", (0, 1))
     mtype = _field(args.mtype, {"FULL": 0, "SHA2-256": 1, "SHA2-512": 2}, "--mtype", (0, 1, 2))
@@ -254,10 +281,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     import trio
 
-    from proxy.check import run_check
+    from proxy.check import config_or_default, run_check
 
-    return trio.run(functools.partial(run_check, args.domain, config=args.config,
-                                      nameserver=args.nameserver, as_json=args.json))
+    return trio.run(functools.partial(run_check, args.domain, config=config_or_default(args.config),
+                                      nameserver=args.nameserver, as_json=args.json,
+                                      inbound=args.inbound, cert=args.cert))
 
 
 def cmd_contrib_path(args: argparse.Namespace) -> int:

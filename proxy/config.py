@@ -62,6 +62,10 @@ class DomainConfig:
     name: str
     cert: str
     key: str
+    # Staged next identity for a TLSA rollover (RFC 7671 §8.1; proxy/own_tlsa.py): checked
+    # against DNS, never served.  Empty = none staged.
+    next_cert: str = ""
+    next_key: str = ""
     # Which [[domain]] table of the file this is (0-based), so messages can point at its lines.
     index: int = field(default=-1, compare=False)
 
@@ -209,7 +213,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "log": (LogConfig, {"level": _one_of("debug", "info", "warning", "error"),
                         "format": _one_of("text", "json")}),
 }
-_DOMAIN_KEYS = {"name": _str, "cert": _str, "key": _str}
+_DOMAIN_KEYS = {"name": _str, "cert": _str, "key": _str, "next_cert": _str, "next_key": _str}
+_DOMAIN_REQUIRED = ("name", "cert", "key")
 
 
 def load_config(path: str | Path) -> Config:
@@ -275,19 +280,21 @@ def _domains(doc: TomlDocument, base: Path, errors: list[str]) -> list[DomainCon
         where = doc.where(None, "domain", i)
         unknown = [k for k in entry if k not in _DOMAIN_KEYS]
         for k in unknown:
-            errors.append(f"{doc.where(k, 'domain', i)}: unknown key domain.{k} (known: name, cert, key)")
-        missing = [k for k in _DOMAIN_KEYS if k not in entry]
+            errors.append(f"{doc.where(k, 'domain', i)}: unknown key domain.{k} (known: {', '.join(_DOMAIN_KEYS)})")
+        missing = [k for k in _DOMAIN_REQUIRED if k not in entry]
         if missing:
             errors.append(f"{where}: [[domain]] needs {', '.join(missing)}")
             continue
         try:
-            name, cert, key = (_str(entry[k]) for k in ("name", "cert", "key"))
+            name, cert, key, next_cert, next_key = (_str(entry.get(k, "")) for k in _DOMAIN_KEYS)
         except ValueError:
-            errors.append(f"{where}: [[domain]] name, cert and key must be strings")
+            errors.append(f"{where}: [[domain]] {', '.join(_DOMAIN_KEYS)} must be strings")
             continue
         # Relative certificate paths are relative to the config file, as operators expect
         # from nginx/Prosody-style configs kept in one directory.
-        out.append(DomainConfig(normalise_domain(name), str(base / cert), str(base / key), index=i))
+        out.append(DomainConfig(normalise_domain(name), str(base / cert), str(base / key),
+                                str(base / next_cert) if next_cert else "",
+                                str(base / next_key) if next_key else "", index=i))
     seen: set[str] = set()
     for d in out:
         if d.name in seen:

@@ -7,7 +7,7 @@ established between the two servers yet, so the message waits for the whole S2S 
     peer (Prosody 0.12 / ejabberd 23.01, STARTTLS required, DANE-EE TLSA in a signed zone)
       -> [front relay] -> proxy inbound (verdict by DANE) -> [backend relay] -> backend
     backend (Prosody 0.12 / ejabberd 23.01, outgoing S2S through contrib/'s module)
-      -> proxy outbound (`outbound.listen`, verdict by DANE) -> [peer relay] -> peer
+      -> [outbound relay] -> proxy outbound (`outbound.listen`, verdict by DANE) -> [peer relay] -> peer
          (the backend's dialback key check, XEP-0220 <db:verify>, goes this way)
 
 Every relay is a plain TCP relay that timestamps each chunk it passes, so the figures are
@@ -65,8 +65,8 @@ class Conn:
     head: bytes = b""   # the first bytes the client sent (its plaintext stream header)
 
     def round_trips(self) -> int:
-        """Direction changes from "<" (server) back... counted as: every '>' burst followed by
-        a '<' burst is one round trip."""
+        """Every burst from the connecting side followed by a burst back is one round trip
+        (the TCP handshake is not included: add one per connection)."""
         trips, last = 0, None
         for _, direction, _ in self.chunks:
             if direction != last:
@@ -188,7 +188,9 @@ def one_run(dns_env, work: Path, ca: TestCA, ca_file: Path, ebin: Path, peer_kin
             ca_file=ca_file, outbound_listen=["127.0.0.1:0"], handshake_timeout=20.0)
         proxy = stack.enter_context(RunningProxy(config))
         front_relay = stack.enter_context(TimedRelay(proxy.inbound))
-        out_ip, out_port = proxy.outbound
+        # The backend's module points at a relay in front of outbound.listen (loopback hop).
+        outbound_relay = stack.enter_context(TimedRelay(proxy.outbound, host="127.0.0.1"))
+        out_ip, out_port = outbound_relay.address
         with dns_env.batch():
             # The peer's SRV target is its relay; the TLSA (DANE-EE) is at the relay's port.
             dns_env.publish_xmpp(peer_domain, f"xmpp.{peer_domain}", peer_relay.address[1], peer_relay.address[0],
@@ -217,14 +219,14 @@ def one_run(dns_env, work: Path, ca: TestCA, ca_file: Path, ebin: Path, peer_kin
                 s2s_port=peer_port, ca_file=ca_file, nameserver=dns_env.resolver_address,
                 etc_hosts={f"xmpp.{local}": front_relay.address[0]}, workdir=work / "peer")
         stack.enter_context(peer)
-        for relay in (peer_relay, backend_relay, front_relay):
+        for relay in (peer_relay, backend_relay, front_relay, outbound_relay):
             relay.reset()   # readiness probes of the servers' ports are not part of the cost
 
         began, seconds = trio.run(_first_message, peer.account(f"{USER}@{peer_domain}", PASSWORD),
                            backend.account(f"{USER}@{local}", PASSWORD), "first message")
         decisions = proxy.decisions()
         hops = {"peer->proxy inbound": front_relay.snapshot(), "proxy->backend": backend_relay.snapshot(),
-                "proxy outbound->peer": peer_relay.snapshot()}
+                "backend->proxy outbound": outbound_relay.snapshot(), "proxy outbound->peer": peer_relay.snapshot()}
         return {
             "peer": peer_kind, "backend": backend_kind, "seconds": seconds,
             "connections": {k: len(v) for k, v in hops.items()},

@@ -12,6 +12,9 @@ The module is compiled with `erlc` at test time into a temporary folder and load
   ejabberd whose secure TLSA matches gets the message; one whose TLSA mismatches gets nothing
   (not even a connection with the backend's stream) and ejabberd's user gets a bounce; the
   proxy's decision line has the verdict and reason.
+* The backend's dialback key checks (mod_s2s_dialback's verification streams) go through the
+  module too: a peer Prosody delivers to the ejabberd backend, and the key check is judged by
+  the proxy's outbound side while ejabberd's own fallback target sees nothing.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ TIMEOUT = 15.0
 BACKEND_IP = "127.0.5.10"
 PEER_IP = "127.0.5.11"
 PROXY_IP = "127.0.5.12"
-# dNSName SANs only: an xmppAddr SAN crashes ejabberd 23.01's certificate check (see
-# tests/test_ejabberdenv.py).
+# dNSName SANs only: an xmppAddr SAN crashes ejabberd 23.01's SASL EXTERNAL certificate check
+# (see tests/test_ejabberdenv.py).
 CA = TestCA("ejabberd outbound Test Root")
 
 
@@ -174,7 +177,7 @@ def ca_file(tmp_path_factory) -> Path:
 
 
 def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_factory, module_dir,
-          policies: dict | None = None):
+          policies: dict | None = None, **backend_kwargs):
     """The local site: the proxy (inbound on PROXY_IP, `outbound.listen` on loopback, in-process)
     and an ejabberd backend for a fresh domain L routing its outgoing S2S there with the module.
     L's SRV points at the proxy's inbound side, so a peer checking the backend's dialback key
@@ -191,7 +194,7 @@ def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_fac
     out_ip, out_port = proxy.outbound
     backend = ejabberd_factory(
         [EjabberdHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
-        modules={"mod_s2s_dane_proxy": {"ip": out_ip, "port": out_port}}, code_paths=[module_dir])
+        modules={"mod_s2s_dane_proxy": {"ip": out_ip, "port": out_port}}, code_paths=[module_dir], **backend_kwargs)
     in_ip, in_port = proxy.inbound
     dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
     return local, proxy, backend
@@ -262,3 +265,30 @@ def test_ejabberd_backend_message_to_a_mismatching_peer_bounces_with_the_reason(
             assert f"Incoming s2s connection {local}->{name} complete" not in log
         else:
             assert not re.search(rf"Accepted inbound s2s \S+ authentication {re.escape(local)} -> ", log), log
+
+
+def test_ejabberd_backend_checks_a_peers_dialback_key_through_the_module(
+        ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path):
+    # Inbound: a peer Prosody delivers to the ejabberd backend; the backend checks the peer's
+    # dialback key (mod_s2s_dialback's verification stream) through the module and the proxy's
+    # outbound side.  Its own resolvers are dead, and its /etc/hosts and outgoing_s2s_port send
+    # ejabberd's fallback for the peer domain to a listener that must see nothing.
+    direct = Listener(PEER_IP)
+    with ExitStack() as stack:
+        stack.callback(direct.close)
+        name, cert, port = _peer_domain(dns_env, matching=True)
+        local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir,
+                                      etc_hosts={name: direct.address[0]},
+                                      options={"outgoing_s2s_port": direct.address[1]})
+        peer = _peer_server("prosody", prosody_factory, ejabberd_factory, dns_env, ca_file, name, cert, port, local)
+
+        got = deliver_message(peer.account(f"{USER}@{name}", PASSWORD), backend.account(f"{USER}@{local}", PASSWORD),
+                              "peer to ejabberd backend", timeout=TIMEOUT)
+        assert got.get("from") == f"{USER}@{name}/sender"
+        inbound = proxy.log.wait_for(TIMEOUT, event="decision", direction="inbound", domain=name)
+        assert (inbound["verdict"], inbound["prooftype"]) == ("accept", "dane-ee"), inbound
+        # The key check went out through the proxy, which judged the peer again (DANE-EE).
+        outbound = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
+        assert (outbound["verdict"], outbound["prooftype"]) == ("accept", "dane-ee"), outbound
+        backend.wait_for_log(rf"Outbound s2s connection started: {re.escape(local)} -> {re.escape(name)}")
+        assert direct.connections() == 0

@@ -34,8 +34,9 @@ OTHER_IP = "127.0.4.13"
 
 CA = TestCA("ejabberdenv Test Root")
 # Certificates that ejabberd verifies carry dNSName SANs only: an id-on-xmppAddr SAN crashes
-# ejabberd 23.01's certificate check (xmpp 1.6.1, xmpp_stream_pkix:get_domains_from_san/1
-# returns a binary where flatmap needs a list: badarg), which kills the stream.
+# ejabberd 23.01's SASL EXTERNAL certificate check (xmpp 1.6.1,
+# xmpp_stream_pkix:get_domains_from_san/1 returns a binary where flatmap needs a list: badarg),
+# which kills the stream.
 
 
 def _gone(pid: int) -> bool:

@@ -94,10 +94,25 @@ mod_doc() ->
 
 %%%===================================================================== hook
 
-s2s_out_init({ok, #{mod := ejabberd_s2s_out} = State}, _Opts) ->
-    {ok, State#{mod => ?MODULE}};
+%% ejabberd_hooks:run_fold/4 goes on with the previous value when a hook crashes, which here
+%% would leave ejabberd_s2s_out (and its DNS) in charge: so this never crashes, and a stream
+%% it cannot take over is not started at all.
+s2s_out_init({ok, State}, _Opts) ->
+    take_over(State, fun(S) -> {ok, S} end);
+s2s_out_init({ok, State, Timeout}, _Opts) ->
+    take_over(State, fun(S) -> {ok, S, Timeout} end);
 s2s_out_init(Acc, _Opts) ->
-    Acc.
+    Acc.  % {stop, _} or ignore: the stream does not start anyway
+
+take_over(#{mod := Mod} = State, Wrap) when Mod =:= ejabberd_s2s_out; Mod =:= ?MODULE ->
+    Wrap(State#{mod => ?MODULE});
+take_over(State, _Wrap) ->
+    %% Another module made itself the callback module: its resolve/2 (or none) would decide
+    %% where the stream goes.
+    Other = case State of #{mod := M} -> M; _ -> State end,
+    ?LOG_ERROR("Outgoing s2s stream not started: its callback module is ~p, not ejabberd_s2s_out, "
+               "so it cannot be routed to the DANE proxy", [Other]),
+    {stop, {stop, {?MODULE, callback_module_taken}}}.
 
 %%%===================================================================== our callbacks
 

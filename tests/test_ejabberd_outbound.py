@@ -189,8 +189,13 @@ def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_fac
         tmp_path / "proxy" / "config.toml", listen=[f"{PROXY_IP}:0"], backend=f"{BACKEND_IP}:{backend_port}",
         domains=[(local, cert_path, key_path)], nameservers=[dns_env.resolver_address],
         policy_dir=write_policies(tmp_path / "policy.d", policies or {}), ca_file=ca_file,
-        outbound_listen=["127.0.0.1:0"])
+        outbound_listen=["127.0.0.1:0"],
+        # Generous for a machine shared with other test runs: a DNS timeout would be a reject
+        # with another reason.
+        dns_timeout=8.0, handshake_timeout=20.0)
     proxy = stack.enter_context(RunningProxy(config))
+    # Shown by pytest only when the test fails.
+    stack.callback(lambda: print("--- proxy log\n" + proxy.log.text()))
     out_ip, out_port = proxy.outbound
     backend = ejabberd_factory(
         [EjabberdHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
@@ -250,9 +255,9 @@ def test_ejabberd_backend_message_to_a_mismatching_peer_bounces_with_the_reason(
         peer = _peer_server(peer_kind, prosody_factory, ejabberd_factory, dns_env, ca_file, name, cert, port, local)
 
         bounce = send_for_bounce(backend.account(f"{USER}@{local}", PASSWORD), f"{USER}@{name}", "must not arrive")
-        assert bounce is not None, "no bounce"
+        assert bounce is not None, "no bounce\n" + proxy.log.text()
         # The proxy's stream error text reaches ejabberd's user in full.
-        assert "no usable TLSA record matches" in bounce, bounce
+        assert "no usable TLSA record matches" in bounce, (bounce, proxy.log.text())
         decision = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
         assert decision["verdict"] == "reject" and "no usable TLSA record matches" in decision["reason"], decision
         backend.wait_for_log(rf"Failed to establish outbound s2s connection {re.escape(local)} -> {re.escape(name)}: "
@@ -292,3 +297,55 @@ def test_ejabberd_backend_checks_a_peers_dialback_key_through_the_module(
         assert (outbound["verdict"], outbound["prooftype"]) == ("accept", "dane-ee"), outbound
         backend.wait_for_log(rf"Outbound s2s connection started: {re.escape(local)} -> {re.escape(name)}")
         assert direct.connections() == 0
+
+
+# A module of someone else's that makes itself the callback module of outgoing streams first
+# (hook sequence 5, before ours at 10), with only default_port/1: xmpp_stream_out's defaults
+# would then resolve the peer itself and connect to its address on that port.
+OTHER_MODULE = """
+-module(mod_other_s2s_callback).
+-behaviour(gen_mod).
+-export([start/2, stop/1, reload/3, depends/2, mod_opt_type/1, mod_options/1, mod_doc/0]).
+-export([s2s_out_init/2, default_port/1]).
+start(Host, _Opts) -> ejabberd_hooks:add(s2s_out_init, Host, ?MODULE, s2s_out_init, 5), ok.
+stop(Host) -> ejabberd_hooks:delete(s2s_out_init, Host, ?MODULE, s2s_out_init, 5), ok.
+reload(_Host, _New, _Old) -> ok.
+depends(_Host, _Opts) -> [].
+mod_opt_type(port) -> econf:port().
+mod_options(_Host) -> [{port, 5269}].
+mod_doc() -> #{}.
+s2s_out_init({ok, State}, _Opts) -> {ok, State#{mod => ?MODULE}};
+s2s_out_init(Acc, _Opts) -> Acc.
+default_port(#{server_host := Host}) -> gen_mod:get_module_opt(Host, ?MODULE, port).
+"""
+
+
+@pytest.mark.parametrize("with_dane_module", [False, True], ids=["control", "taken-back"])
+def test_a_stream_another_module_took_over_still_goes_to_the_proxy(ejabberd_factory, module_dir, tmp_path, with_dane_module):
+    src = tmp_path / "mod_other_s2s_callback.erl"
+    src.write_text(OTHER_MODULE)
+    result = subprocess.run(["erlc", "-pa", str(next(ejabberd_libs().glob("ejabberd-*/ebin"))), "-o", str(module_dir),
+                             str(src)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    peer = Listener(PEER_IP)
+    try:
+        modules = {"mod_other_s2s_callback": {"port": peer.address[1]}}
+        if with_dane_module:
+            modules["mod_s2s_dane_proxy"] = {"ip": "127.0.0.1", "port": free_port("127.0.0.1")}
+        backend = ejabberd_factory([EjabberdHost("home.test", users={USER: PASSWORD})], mode="backend",
+                                   address=BACKEND_IP, etc_hosts={"peer.test": peer.address[0]}, modules=modules,
+                                   code_paths=[module_dir])
+        bounce = send_for_bounce(backend.account(f"{USER}@home.test", PASSWORD), f"{USER}@peer.test", "taken over",
+                                 timeout=0.5 if not with_dane_module else TIMEOUT)
+        if not with_dane_module:
+            # The control: the other module's stream resolves and connects by itself.
+            assert peer.connections(wait=TIMEOUT) >= 1
+        else:
+            # Our hook replaced the other module's callback module: the stream went to the
+            # (dead) proxy address and bounced; the peer's address saw nothing.
+            assert bounce is not None and "Connection failed: connection refused" in bounce, bounce
+            backend.wait_for_log(r"Outgoing s2s stream: callback module mod_other_s2s_callback replaced by "
+                                 r"mod_s2s_dane_proxy")
+            assert peer.connections() == 0
+    finally:
+        peer.close()

@@ -33,7 +33,7 @@
 %%%     raises for a missing callback, so its defaults apply unchanged.
 %%%
 %%% A crash in resolve/2 (e.g. the module was unloaded under a stream) stops that stream: it
-%%% never falls back to DNS.
+%%% never falls back to DNS.  The hook itself never crashes (see s2s_out_init/2).
 -module(mod_s2s_dane_proxy).
 
 -behaviour(gen_mod).
@@ -95,24 +95,23 @@ mod_doc() ->
 %%%===================================================================== hook
 
 %% ejabberd_hooks:run_fold/4 goes on with the previous value when a hook crashes, which here
-%% would leave ejabberd_s2s_out (and its DNS) in charge: so this never crashes, and a stream
-%% it cannot take over is not started at all.
-s2s_out_init({ok, State}, _Opts) ->
-    take_over(State, fun(S) -> {ok, S} end);
-s2s_out_init({ok, State, Timeout}, _Opts) ->
-    take_over(State, fun(S) -> {ok, S, Timeout} end);
+%% would leave ejabberd_s2s_out (and its DNS) in charge, so this never crashes.  Refusing the
+%% stream is no option either: ejabberd_s2s expects {ok, Pid} from ejabberd_s2s_out:start/3 and
+%% would crash.  So every stream is taken over, also one whose callback module another module
+%% had replaced (that module's callbacks are lost; the stream still goes to the proxy).
+s2s_out_init({ok, State}, _Opts) when is_map(State) ->
+    {ok, take_over(State)};
+s2s_out_init({ok, State, Timeout}, _Opts) when is_map(State) ->
+    {ok, take_over(State), Timeout};
 s2s_out_init(Acc, _Opts) ->
     Acc.  % {stop, _} or ignore: the stream does not start anyway
 
-take_over(#{mod := Mod} = State, Wrap) when Mod =:= ejabberd_s2s_out; Mod =:= ?MODULE ->
-    Wrap(State#{mod => ?MODULE});
-take_over(State, _Wrap) ->
-    %% Another module made itself the callback module: its resolve/2 (or none) would decide
-    %% where the stream goes.
-    Other = case State of #{mod := M} -> M; _ -> State end,
-    ?LOG_ERROR("Outgoing s2s stream not started: its callback module is ~p, not ejabberd_s2s_out, "
-               "so it cannot be routed to the DANE proxy", [Other]),
-    {stop, {stop, {?MODULE, callback_module_taken}}}.
+take_over(#{mod := Mod} = State) when Mod =/= ejabberd_s2s_out, Mod =/= ?MODULE ->
+    ?LOG_WARNING("Outgoing s2s stream: callback module ~p replaced by ~p, so that the stream goes "
+                 "to the DANE proxy", [Mod, ?MODULE]),
+    State#{mod => ?MODULE};
+take_over(State) ->
+    State#{mod => ?MODULE}.
 
 %%%===================================================================== our callbacks
 

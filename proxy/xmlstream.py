@@ -38,6 +38,18 @@ NS_XML = "http://www.w3.org/XML/1998/namespace"
 # Prosody's s2s default (s2s_stanza_size_limit) is 512 KiB, so nothing legitimate between
 # Prosody servers is near it, while a peer still cannot make us hold megabytes per stream.
 DEFAULT_MAX_STANZA_BYTES = 262144
+# The stream header, counted from the parser's first byte (XML declaration and whitespace
+# included) to the header's closing '>', may be at most this long (DESIGN §3.1: "the stream
+# header is bounded").  A real header is a few hundred bytes: seven or eight attributes, of
+# which `to` and `from` are domains of at most 1023 octets each (RFC 7622 §3.2), so even the
+# longest legal one stays under 4 KiB; 8 KiB leaves room and stops a peer from making us hold
+# (and, before the header, re-scan) stanza-sized data before we know whom it wants.
+# The exact rule, for every framer behind this API: if the header's start tag ends at byte
+# offset E (exclusive, counted from the first byte fed to this parser) and E > the bound, or
+# more than the bound bytes were fed without the header's start tag being complete, the
+# parser reports XmlError("policy-violation", ...) and nothing else.  The bound is
+# min(max_header_bytes, max_stanza_bytes).
+MAX_HEADER_BYTES = 8192
 
 # Children kept in Element.children: first-level element (depth 0 here) plus two levels.
 # Enough for <stream:features><starttls><required/>, <stream:error><cond/>, and
@@ -50,6 +62,10 @@ _FLAT_STANZAS = frozenset({"message", "presence", "iq"})
 # §3.1 allows a literal '>' there).  Only applied to tags expat already accepted as
 # well-formed; the possessive quantifier rules out backtracking.
 _START_TAG = re.compile(rb"""<[^\s/>]+(?:[^>"']|"[^"]*"|'[^']*')*+>""")
+# Inside a start tag outside quotes: the bytes that change the scan's state.
+_TAG_STOP = re.compile(rb"""['">]""")
+# Ends an entity or character reference's name ('&amp;', '&#38;'), or makes it malformed.
+_REFERENCE_STOP = re.compile(rb"[^A-Za-z0-9._:#\-\x80-\xff]")
 
 # Characters not allowed in XML 1.0 (§2.2); removed from text we generate, because reasons
 # can quote data that came from a peer.
@@ -214,8 +230,10 @@ class XmlStreamParser:
         *,
         max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
         stop_after: Callable[[Element], bool] | None = None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.max_stanza_bytes = max_stanza_bytes
+        self.max_header_bytes = min(max_header_bytes, max_stanza_bytes)
         self._stop_after = stop_after
         # RFC 6120 §11.6: XMPP is UTF-8 only; forcing it also keeps byte offsets meaningful.
         p = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
@@ -254,6 +272,12 @@ class XmlStreamParser:
         self._events: list[Event] = []
         self._state = "open"    # open | stopped | closed | failed
         self.trailing = b""
+        # Slow input, linear cost (see `_may_complete`): how far expat has been fed, where
+        # its unfinished token starts (== _fed when there is none), and the quote-aware scan
+        # of an unfinished start tag (token start, scanned up to, open quote or 0).
+        self._fed = 0
+        self._tok = 0
+        self._scan = (-1, 0, 0)
 
     # ---------------------------------------------------------------- public API
 
@@ -270,12 +294,21 @@ class XmlStreamParser:
         if self._state != "open" or not data:
             return []
         self._buf += data
-        try:
-            self._p.Parse(data, False)
-        except _Halt:
-            pass
-        except expat.ExpatError as exc:
-            self._fail(*self._classify(exc))
+        if self._tok >= self._fed or self._may_complete():
+            chunk = bytes(self._buf[self._fed - self._base:]) if self._tok < self._fed else data
+            self._fed = self._base + len(self._buf)
+            try:
+                self._p.Parse(chunk, False)
+            except _Halt:
+                pass
+            except expat.ExpatError as exc:
+                self._fail(*self._classify(exc))
+            # After Parse returns, expat's current index is the start of the token it could
+            # not finish (the end of the input if there is none): it re-scans that token
+            # from its start on the next Parse.
+            if self._state == "open":
+                index = self._p.CurrentByteIndex
+                self._tok = index if index >= 0 else self._fed
         if self._state == "open":
             self._compact_and_check()
         events, self._events = self._events, []
@@ -285,6 +318,69 @@ class XmlStreamParser:
     def buffered(self) -> int:
         """Bytes held for an element (or header) that is not complete yet."""
         return len(self._buf)
+
+    # ---------------------------------------------------------------- slow input
+
+    def _may_complete(self) -> bool:
+        """Whether the bytes fed since expat last stopped inside a token could finish it.
+
+        expat re-tokenises an unfinished token from its start on every Parse call (its own
+        remedy, reparse deferral since 2.6, is off: it can hold back a complete stream header
+        in an interactive protocol).  A peer dripping a 256 KiB attribute value a few bytes
+        at a time would cost a re-scan of the whole value per read: quadratic CPU.  So bytes
+        are held back from expat until they contain what ends the token expat stopped in:
+        a '>' outside quotes for a start tag, '>' for an end tag, '-->' for a comment, '?>'
+        for a processing instruction or XML declaration, a non-name byte for a reference.
+        Each byte is looked at a bounded number of times, so any input costs linear CPU.
+        Other unfinished tokens (a split UTF-8 character, a '\r', ']' in text, a DTD's
+        pieces before the header) are a few bytes long, or bounded by the header limit.
+        The same rule must hold for any framer behind this API."""
+        base, buf = self._base, self._buf
+        tok, new = self._tok - base, self._fed - base
+        head = bytes(buf[tok:tok + 4])
+        if head[:1] == b"&":
+            return _REFERENCE_STOP.search(buf, new) is not None
+        if head[:1] != b"<" or len(head) < 2:
+            return True
+        if head[1:2] == b"/":
+            return buf.find(b">", new) >= 0
+        if head[1:2] == b"?":
+            return buf.find(b"?>", max(tok + 2, new - 1)) >= 0
+        if head[1:2] == b"!":
+            if head == b"<!--":
+                return buf.find(b"-->", max(tok + 4, new - 2)) >= 0
+            return True   # '<!-' so far, CDATA opener, or a DTD (restricted, and pre-header)
+        return self._tag_may_end(tok)
+
+    def _tag_may_end(self, tok: int) -> bool:
+        """A '>' outside quoted attribute values after the start tag at `tok` (relative to
+        _buf)?  The scan resumes where the previous call stopped."""
+        base, buf = self._base, self._buf
+        start, at, quote = self._scan
+        if start != tok + base:
+            at, quote = tok + base + 1, 0
+        i, n = at - base, len(buf)
+        found = False
+        while i < n:
+            if quote:
+                j = buf.find(quote, i)
+                if j < 0:
+                    i = n
+                    break
+                quote, i = 0, j + 1
+            else:
+                m = _TAG_STOP.search(buf, i)
+                if m is None:
+                    i = n
+                    break
+                c = buf[m.start()]
+                i = m.start() + 1
+                if c == 0x3E:   # '>'
+                    found = True
+                    break
+                quote = c
+        self._scan = (tok + base, i + base, quote)
+        return found
 
     # ---------------------------------------------------------------- expat handlers
 
@@ -368,6 +464,9 @@ class XmlStreamParser:
             raise _Halt
         start = self._p.CurrentByteIndex
         end = self._tag_end(start)
+        if end > self.max_header_bytes:
+            self._header_too_big(end)
+            raise _Halt
         self._consumed = end
         self._events.append(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
 
@@ -405,6 +504,7 @@ class XmlStreamParser:
             # everything up to the next '<' can go, so idle pings never accumulate.
             lt = self._buf.find(b"<", max(0, self._consumed - self._base))
             keep = self._base + len(self._buf) if lt < 0 else self._base + lt
+            keep = min(keep, self._tok)   # never bytes expat has not finished with
             self._consumed = keep
         else:
             keep = self._base  # header not complete yet
@@ -413,11 +513,16 @@ class XmlStreamParser:
             del self._buf[:drop]
             self._base = keep
         pending = len(self._buf)
-        if pending > self.max_stanza_bytes:
-            if self._depth == 0:
-                self._fail("policy-violation", f"stream header larger than {self.max_stanza_bytes} bytes")
-            else:
-                self._too_big(pending, incomplete=True)
+        if self._depth == 0:
+            if self._base + pending > self.max_header_bytes:
+                self._header_too_big(self._base + pending, incomplete=True)
+        elif pending > self.max_stanza_bytes:
+            self._too_big(pending, incomplete=True)
+
+    def _header_too_big(self, size: int, incomplete: bool = False) -> None:
+        more = "more than " if incomplete else ""
+        self._fail("policy-violation", f"stream header of {more}{size} bytes exceeds the limit of "
+                                       f"{self.max_header_bytes} bytes")
 
     def _too_big(self, size: int, incomplete: bool = False) -> None:
         # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
@@ -503,7 +608,7 @@ def stream_error(condition: str, text: str, *, close: bool = True) -> bytes:
 
 
 __all__ = [
-    "DEFAULT_MAX_STANZA_BYTES", "Element", "Event", "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES",
+    "DEFAULT_MAX_STANZA_BYTES", "Element", "MAX_HEADER_BYTES", "Event", "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES",
     "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS", "NS_TLS", "NS_XML",
     "STREAM_CLOSE", "StreamClosed", "StreamOpened", "XmlError", "XmlStreamParser",
     "stream_error", "stream_header", "xml_attr", "xml_text",

@@ -448,7 +448,8 @@ class InboundSession:
         if accepted:
             self.accepted.add(pair)
             self.rejected.pop(pair, None)
-            self._out.append(SendToBackend(element.raw))
+            if not self._backend_closed_sent:   # the peer may have ended meanwhile
+                self._out.append(SendToBackend(element.raw))
         else:
             self.rejected[pair] = reason
             self._reject_dialback(sender, target, reason)

@@ -1,0 +1,206 @@
+"""The gate against a hostile peer, with a real Prosody backend (issue 10, breaches 1 and 3).
+
+The setup is test_inbound_prosody.py's piggybacking one: a raw TLS peer (our own client,
+any bytes we like) speaks for a parent zone's domains through the proxy to a real Prosody
+backend; a raw authoritative server answers the backend's dialback checks for those domains
+with `valid`, so whatever the proxy lets through, the backend WOULD authenticate.  Only the
+proxy stands between the hostile stream and the backend's users.
+
+Breach 1 (two readings of one domain): the peer proves `xn--strae-oqa.P` (its TLSA matches),
+then asserts `straße.P`.  UTS #46 reads that as the proven domain; Prosody's nameprep reads
+it as `strasse.P`, whose policy is `block`.  Before the fix the proxy forwarded it as "a
+renewed key for an accepted pair", Prosody authenticated strasse.P and delivered
+`mallory@straße.P` to a local user as `mallory@strasse.P`.
+
+Breach 3 (stanzas outside jabber:server): once a pair is authenticated, a `<message>` in
+`jabber:client`, in no namespace, or an element in an unknown namespace, went to the backend.
+
+Both over STARTTLS and Direct TLS (XEP-0368).
+"""
+from __future__ import annotations
+
+import secrets
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from pki import self_signed
+from proxy.tls import TlsStream, client_context
+from test_inbound_prosody import (  # noqa: F401  (pki is a fixture)
+    AUTHORITATIVE_IP, NS_DIALBACK, NS_SERVER, NS_STREAM, NS_TLS, TIMEOUT, USER, Authoritative, PeerDomain, Site,
+    elements, format_transcript, pki, publish_peer, start_site,
+)
+from xmppclient import C2SClient, XmppError, XmppStream, stream_header
+
+
+async def raw_peer(site: Site, identity: tuple[Path, Path], sender: str, transcript: list, *,
+                   direct_tls: bool, label: str = "raw-peer") -> XmppStream:
+    """A TLS stream to the proxy as `sender` (STARTTLS or Direct TLS, XEP-0368) presenting
+    `identity`; returned after the backend's header and features."""
+    xs = await XmppStream.connect(*site.proxy.inbound, label=label, transcript=transcript)
+    if not direct_tls:
+        await xs.send(stream_header(ns=NS_SERVER, dialback=True, from_=sender, to=site.domain))
+        await xs.expect_header()
+        await xs.expect_stanza()
+        await xs.send(f"<starttls xmlns='{NS_TLS}'/>")
+        assert (await xs.expect_stanza()).name == "proceed"
+    tls = TlsStream(xs.stream, client_context(cert_file=identity[0], key_file=identity[1],
+                                              alpn=[b"xmpp-server"] if direct_tls else []),
+                    server_side=False, server_hostname=site.domain)
+    with trio.fail_after(TIMEOUT):
+        await tls.do_handshake()
+    xs.stream = tls
+    xs.restart()
+    await xs.send(stream_header(ns=NS_SERVER, dialback=True, from_=sender, to=site.domain))
+    assert (await xs.expect_header()).get("id")
+    features = await xs.expect_stanza()
+    assert features.tag == f"{{{NS_STREAM}}}features"
+    return xs
+
+
+class HostileSetup:
+    """Parent zone P with `good` = xn--strae-oqa.P (TLSA matches the raw peer's key, policy
+    dane) and `blocked` = strasse.P (policy block), both served by the authoritative server."""
+
+    def __init__(self, stack: ExitStack, prosody_factory, dns_env, tmp_path: Path, pki, *, direct_tls: bool):
+        parent = dns_env.fresh(dns_env.secure, "idn")
+        self.parent = parent
+        self.good = f"xn--strae-oqa.{parent}"
+        self.blocked = f"strasse.{parent}"
+        self.spoof = f"straße.{parent}"          # Prosody: strasse.P; UTS #46: xn--strae-oqa.P
+        cert = self_signed([self.good, self.blocked])
+        self.identity = cert.write(tmp_path / "raw", "hostile")
+        self.site = start_site(stack, prosody_factory, dns_env, tmp_path, pki,
+                               policies={self.good: {"require": "dane"}, self.blocked: {"require": "block"}})
+        self.direct_tls = direct_tls
+        self.transcript: list = []
+        self.authoritative = Authoritative(self.transcript, self._verify_back)
+        with dns_env.batch():
+            publish_peer(dns_env, PeerDomain(self.good, cert, cert.cert), AUTHORITATIVE_IP, self.authoritative.port)
+            publish_peer(dns_env, PeerDomain(self.blocked, cert, cert.cert), AUTHORITATIVE_IP, self.authoritative.port)
+        # Every key is "valid" to the authoritative server: only the proxy can stop anything.
+        self.keys = {d: secrets.token_hex(16) for d in (self.good, self.blocked)}
+        self.authoritative.keys = {k: d for d, k in self.keys.items()}
+
+    async def _verify_back(self, sender: str, target: str, stream_id: str, key: str) -> str:
+        check = await raw_peer(self.site, self.identity, target, self.transcript, direct_tls=self.direct_tls,
+                               label="verify-back")
+        await check.send(f"<db:verify from='{target}' to='{sender}' id='{stream_id}'>{key}</db:verify>")
+        answer = await check.wait_for(lambda s: s.tag == f"{{{NS_DIALBACK}}}verify", timeout=TIMEOUT)
+        await check.aclose()
+        return answer.get("type")
+
+    async def authenticated_stream(self) -> XmppStream:
+        """A stream on which the backend confirmed `good`."""
+        xs = await raw_peer(self.site, self.identity, self.good, self.transcript, direct_tls=self.direct_tls)
+        await xs.send(f"<db:result from='{self.good}' to='{self.site.domain}'>{self.keys[self.good]}</db:result>")
+        answer = await xs.wait_for(lambda s: s.tag == f"{{{NS_DIALBACK}}}result", timeout=TIMEOUT)
+        assert answer.get("type") == "valid", answer.raw
+        return xs
+
+    def run(self, scenario) -> None:
+        async def main():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.authoritative.serve)
+                user = await C2SClient.login(*self.site.backend.c2s_addr, f"{USER}@{self.site.domain}", "pw")
+                await user.send_presence()
+                await scenario(user)
+                await user.aclose()
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        finally:
+            print("--- transcript\n" + format_transcript(self.transcript))
+            print("--- backend log tail\n" + "\n".join(self.site.backend.log_text().splitlines()[-40:]))
+            print("--- proxy log\n" + self.site.proxy.log.text())
+
+    def upstream(self) -> bytes:
+        """Everything the backend was sent, on every relayed connection."""
+        conns = self.site.relay.wait_for(lambda cs: all(c.closed for c in cs) and cs, TIMEOUT, "relayed streams closed")
+        return b"".join(bytes(c.upstream) for c in conns)
+
+
+TRANSPORTS = [pytest.param(False, id="starttls"), pytest.param(True, id="direct-tls")]
+
+
+@pytest.mark.parametrize("direct_tls", TRANSPORTS)
+def test_a_domain_with_two_readings_cannot_speak_for_a_blocked_one(prosody_factory, dns_env, tmp_path, pki,
+                                                                   direct_tls):
+    with ExitStack() as stack:
+        h = HostileSetup(stack, prosody_factory, dns_env, tmp_path, pki, direct_tls=direct_tls)
+        site = h.site
+
+        async def scenario(user: C2SClient) -> None:
+            xs = await h.authenticated_stream()
+            # The spoofed assertion: same key material the backend would accept for strasse.P.
+            await xs.send(f"<db:result from='{h.spoof}' to='{site.domain}'>{h.keys[h.blocked]}</db:result>")
+            answer = await xs.wait_for(lambda s: s.tag == f"{{{NS_DIALBACK}}}result", timeout=TIMEOUT)
+            # XEP-0220 §2.4 dialback error, jid-malformed, saying why (DESIGN §2.6).
+            assert answer.get("type") == "error", answer.raw
+            assert b"jid-malformed" in answer.raw and b"IDNA2003" in answer.raw and b"strasse" in answer.raw, answer.raw
+            # The stanza that would follow is refused as well, and the stream ends.
+            await xs.send(f"<message from='mallory@{h.spoof}' to='{USER}@{site.domain}' type='chat' id='m1'>"
+                          "<body>impersonating the blocked domain</body></message>")
+            with pytest.raises(XmppError, match="invalid-from"):
+                await xs.wait_for(lambda s: False, timeout=TIMEOUT)
+            await xs.aclose(close_stream=False)
+            # Nothing reached the local user (it would arrive within a second if it had).
+            with pytest.raises(trio.TooSlowError):
+                await user.wait_for_message("impersonating the blocked domain", timeout=3)
+
+        h.run(scenario)
+        upstream = h.upstream()
+        assert "straße".encode() not in upstream and h.blocked.encode() not in upstream, upstream
+        assert h.keys[h.blocked].encode() not in upstream
+        assert f"asking {h.blocked}".encode() not in site.backend.log_text().encode()
+        assert "strasse" not in "".join(str(v) for v in h.authoritative.verified)
+
+
+# What breach 3 sent, each on an authenticated stream, and what the peer gets back.
+FOREIGN_ELEMENTS = [
+    pytest.param("<message xmlns='jabber:client' from='mallory@{blocked}' to='u@{site}' type='chat'>"
+                 "<body>client namespace</body></message>", id="jabber-client"),
+    pytest.param("<message xmlns='' from='mallory@{blocked}' to='u@{site}' type='chat'>"
+                 "<body>no namespace</body></message>", id="empty-namespace"),
+    pytest.param("<x xmlns='urn:example:unknown' from='{blocked}'><message from='mallory@{blocked}' "
+                 "to='u@{site}'><body>unknown namespace</body></message></x>", id="unknown-namespace"),
+    pytest.param("<db:request from='{blocked}' to='{site}'>k</db:request>", id="db-request"),
+]
+
+
+@pytest.mark.parametrize("direct_tls", TRANSPORTS)
+def test_nothing_outside_the_gate_list_reaches_the_backend(prosody_factory, dns_env, tmp_path, pki, direct_tls):
+    with ExitStack() as stack:
+        h = HostileSetup(stack, prosody_factory, dns_env, tmp_path, pki, direct_tls=direct_tls)
+        site = h.site
+        sent = [p.values[0].format(blocked=h.blocked, site=site.domain) for p in FOREIGN_ELEMENTS]
+
+        async def scenario(user: C2SClient) -> None:
+            for element in sent:
+                xs = await h.authenticated_stream()
+                await xs.send(element)
+                # RFC 6120 §4.9.3.24, with the element named in the <text>.
+                with pytest.raises(XmppError, match="unsupported-stanza-type") as info:
+                    await xs.wait_for(lambda s: False, timeout=TIMEOUT)
+                assert "not passed to the backend" in str(info.value), str(info.value)
+                await xs.aclose(close_stream=False)
+            # And a proper stanza of the authenticated pair still arrives (the gate is not shut).
+            xs = await h.authenticated_stream()
+            await xs.send(f"<message from='alice@{h.good}/r' to='{USER}@{site.domain}' type='chat' id='ok'>"
+                          "<body>allowed</body></message>")
+            got = await user.wait_for_message("allowed", timeout=TIMEOUT)
+            assert got.get("from") == f"alice@{h.good}/r"
+            await xs.aclose()
+
+        h.run(scenario)
+        upstream = h.upstream()
+        for element in sent:
+            assert element.encode() not in upstream, element
+        for marker in (b"client namespace", b"no namespace", b"unknown namespace", b"db:request", b"urn:example"):
+            assert marker not in upstream, marker
+        conns = h.site.relay.snapshot()
+        bodies = [e.body for c in conns for e in elements(bytes(c.upstream)) if e.name == "message"]
+        assert bodies == ["allowed"], bodies

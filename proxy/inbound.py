@@ -910,6 +910,7 @@ class InboundConnection:
         self._closed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._handshake_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
         self._verdicts: dict[str, object] = {}
         self.close_reason = ""
         self.close_condition: str | None = None
@@ -966,7 +967,10 @@ class InboundConnection:
             try:
                 # limits.idle_timeout (0 = off) once a pair is authenticated; before that the
                 # handshake deadline around this loop bounds every read.
-                with trio.move_on_after(idle if idle > 0 and self.session.authenticated else math.inf) as wait:
+                with trio.CancelScope() as wait:
+                    self._idle_scope = wait
+                    if idle > 0 and self.session.authenticated:
+                        wait.deadline = trio.current_time() + idle
                     data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
                 if wait.cancelled_caught:
                     await self._perform(self.session.idle_timed_out(idle))
@@ -1015,6 +1019,9 @@ class InboundConnection:
                     self._handshake_scope.deadline = math.inf
                 if self.admission is not None:
                     self.admission.release()
+                if self.settings.idle_timeout > 0 and self._idle_scope is not None:
+                    # The read already waiting started before; from now on it is bounded.
+                    self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
             elif isinstance(action, Close):

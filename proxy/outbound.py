@@ -201,6 +201,12 @@ class OutboundSession:
             self._fail_backend(out, "host-unknown",
                                "the stream header has no 'from': the proxy needs the local domain to present its certificate")
             return
+        try:
+            # DESIGN §2.6: the peer the proxy dials must be the domain the backend means.
+            read_domain(to)
+        except DomainReadingError as exc:
+            self._fail_backend(out, "host-unknown", f"'to': {exc}")
+            return
         peer, local = normalise_domain(to), normalise_domain(from_)
         if not peer or any(c in peer for c in "@/ "):
             self._fail_backend(out, "host-unknown", f"'to' = {to!r} is not a domain name")

@@ -217,6 +217,11 @@ FOREIGN_ELEMENTS = [
     pytest.param("<x xmlns='urn:example:unknown' from='{blocked}'><message from='mallory@{blocked}' "
                  "to='u@{site}'><body>unknown namespace</body></message></x>", id="unknown-namespace"),
     pytest.param("<db:request from='{blocked}' to='{site}'>k</db:request>", id="db-request"),
+    # The db prefix bound to another namespace: a backend matching the prefix literally
+    # would read a dialback request for the blocked domain.
+    pytest.param("<db:result xmlns:db='urn:example:not-dialback' from='{blocked}' to='{site}'>{key}</db:result>",
+                 id="db-prefix-rebound"),
+    pytest.param("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>", id="sasl-auth"),
 ]
 
 
@@ -226,7 +231,7 @@ def test_nothing_outside_the_gate_list_reaches_the_backend(request, dns_env, tmp
     with ExitStack() as stack:
         h = HostileSetup(stack, request, dns_env, tmp_path, pki, direct_tls=direct_tls, backend_kind=backend_kind)
         site = h.site
-        sent = [p.values[0].format(blocked=h.blocked, site=site.domain) for p in FOREIGN_ELEMENTS]
+        sent = [p.values[0].format(blocked=h.blocked, site=site.domain, key=h.keys[h.blocked]) for p in FOREIGN_ELEMENTS]
 
         async def scenario(user: C2SClient) -> None:
             for element in sent:
@@ -249,7 +254,8 @@ def test_nothing_outside_the_gate_list_reaches_the_backend(request, dns_env, tmp
         upstream = h.upstream()
         for element in sent:
             assert element.encode() not in upstream, element
-        for marker in (b"client namespace", b"no namespace", b"unknown namespace", b"db:request", b"urn:example"):
+        for marker in (b"client namespace", b"no namespace", b"unknown namespace", b"db:request", b"urn:example",
+                       b"xmpp-sasl' mechanism", h.keys[h.blocked].encode()):
             assert marker not in upstream, marker
         conns = h.site.relay.snapshot()
         bodies = [e.body for c in conns for e in elements(bytes(c.upstream)) if e.name == "message"]

@@ -112,9 +112,14 @@ OTHERWISE: Mapping[Stage, Refusal] = MappingProxyType({
 })
 
 
+# The same tables as plain dicts for the lookup (it runs per stanza; read-only views above).
+_LOOKUP = {stage: dict(table) for stage, table in GATE.items()}
+_OTHERWISE = dict(OTHERWISE)
+
+
 def admit(stage: Stage, ns: str, name: str) -> Passage | Refusal:
     """How the element `{ns}name` passes in `stage`, or the refusal it gets."""
-    return GATE[stage].get((ns, name)) or OTHERWISE[stage]
+    return _LOOKUP[stage].get((ns, name)) or _OTHERWISE[stage]
 
 
 def describe(ns: str, name: str) -> str:

@@ -18,6 +18,7 @@ are still arriving, so a peer cannot make the proxy buffer without bound.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def _attrs(raw: dict[str, str]) -> dict[str, str]:
     return out
 
 
-class XmlStreamParser:
+class PyXmlStreamParser:
     """Frames one XML stream.  Create a fresh one for each stream restart (RFC 6120 §4.3.3).
 
     `stop_after(element)` returning true makes the parser stop right after that element:
@@ -253,13 +254,12 @@ class XmlStreamParser:
         p.StartNamespaceDeclHandler = self._ns_decl
         p.XmlDeclHandler = self._xml_decl
         # RFC 6120 §11.1: none of these may appear in an XML stream.
-        p.CommentHandler = lambda _data: self._restricted("an XML comment")
-        p.ProcessingInstructionHandler = lambda target, _data: self._restricted(
-            f"a processing instruction <?{target} ...?>")
-        p.StartDoctypeDeclHandler = lambda name, *_: self._restricted(f"a DTD (<!DOCTYPE {name}>)")
-        p.EntityDeclHandler = lambda name, *_: self._restricted(f"an entity declaration ({name})")
-        p.SkippedEntityHandler = lambda name, _is_pe: self._restricted(f"an entity reference &{name};")
-        p.ExternalEntityRefHandler = lambda *_: self._restricted("an external entity reference")
+        p.CommentHandler = lambda _data: self._restricted("comment")
+        p.ProcessingInstructionHandler = lambda target, _data: self._restricted("pi", target)
+        p.StartDoctypeDeclHandler = lambda name, *_: self._restricted("doctype", name)
+        p.EntityDeclHandler = lambda name, *_: self._restricted("entity-decl", name)
+        p.SkippedEntityHandler = lambda name, _is_pe: self._restricted("skipped-entity", name)
+        p.ExternalEntityRefHandler = lambda *_: self._restricted("external-entity")
         self._p = p
         self._buf = bytearray()
         self._base = 0          # absolute stream offset of _buf[0]
@@ -390,7 +390,7 @@ class XmlStreamParser:
     def _xml_decl(self, version: str | None, encoding: str | None, standalone: int) -> None:
         if encoding is not None and encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
             # RFC 6120 §11.6 / §4.9.3.22
-            self._fail("unsupported-encoding", f"the XML declaration names encoding {encoding!r}; XMPP is UTF-8 only")
+            self._fail(*_error_text("encoding", encoding))
             raise _Halt
 
     def _start(self, qname: str, attrs: dict[str, str]) -> None:
@@ -457,10 +457,10 @@ class XmlStreamParser:
         namespaces, self._pending_ns = dict(self._pending_ns), {}
         # RFC 6120 §4.8.1: the root element is <stream> in the stream namespace.
         if name != "stream":
-            self._fail("bad-format", f"the stream must start with <stream:stream>, not <{name}>")
+            self._fail(*_error_text("header-name", name))
             raise _Halt
         if ns != NS_STREAMS:
-            self._fail("invalid-namespace", f"the stream element's namespace is {ns or 'empty'!r}, not {NS_STREAMS!r}")
+            self._fail(*_error_text("header-ns", ns))
             raise _Halt
         start = self._p.CurrentByteIndex
         end = self._tag_end(start)
@@ -470,8 +470,8 @@ class XmlStreamParser:
         self._consumed = end
         self._events.append(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
 
-    def _restricted(self, what: str) -> None:
-        self._fail("restricted-xml", f"{what} is not allowed in an XMPP stream (RFC 6120 §11.1)")
+    def _restricted(self, *what: str) -> None:
+        self._fail(*_error_text(*what))
         raise _Halt
 
     # ---------------------------------------------------------------- framing helpers
@@ -520,18 +520,13 @@ class XmlStreamParser:
             self._too_big(pending, incomplete=True)
 
     def _header_too_big(self, size: int, incomplete: bool = False) -> None:
-        more = "more than " if incomplete else ""
-        self._fail("policy-violation", f"stream header of {more}{size} bytes exceeds the limit of "
-                                       f"{self.max_header_bytes} bytes")
+        self._fail(*_error_text("header-too-big", size, self.max_header_bytes, incomplete))
 
     def _too_big(self, size: int, incomplete: bool = False) -> None:
-        # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
-        more = "more than " if incomplete else ""
-        self._fail("policy-violation", f"element of {more}{size} bytes exceeds the limit of {self.max_stanza_bytes} bytes")
+        self._fail(*_error_text("too-big", size, self.max_stanza_bytes, incomplete))
 
     def _classify(self, exc: expat.ExpatError) -> tuple[str, str]:
-        where = f"at byte {self._p.ErrorByteIndex} (line {exc.lineno}, column {exc.offset})"
-        return classify_expat_error(exc, where)
+        return _error_text("expat", exc.code, self._p.ErrorByteIndex, exc.lineno, exc.offset)
 
     def _fail(self, condition: str, text: str) -> None:
         if self._state in ("failed", "closed"):
@@ -541,17 +536,99 @@ class XmlStreamParser:
         self._buf = bytearray()
 
 
+def _error_text(kind: str, *args) -> tuple[str, str]:
+    """The stream error condition and text for a framing failure of `kind`; both framers
+    word their errors through here, so they agree on them too."""
+    if kind == "expat":
+        code, index, line, column = args
+        return _condition_of_expat(code, f"at byte {index} (line {line}, column {column})")
+    if kind == "too-big":
+        # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
+        size, limit, incomplete = args
+        more = "more than " if incomplete else ""
+        return "policy-violation", f"element of {more}{size} bytes exceeds the limit of {limit} bytes"
+    if kind == "header-too-big":
+        size, limit, incomplete = args
+        more = "more than " if incomplete else ""
+        return "policy-violation", f"stream header of {more}{size} bytes exceeds the limit of {limit} bytes"
+    if kind == "encoding":
+        return "unsupported-encoding", f"the XML declaration names encoding {args[0]!r}; XMPP is UTF-8 only"
+    if kind == "header-name":
+        return "bad-format", f"the stream must start with <stream:stream>, not <{args[0]}>"
+    if kind == "header-ns":
+        return "invalid-namespace", f"the stream element's namespace is {args[0] or 'empty'!r}, not {NS_STREAMS!r}"
+    what = {
+        "comment": "an XML comment",
+        "pi": "a processing instruction <?{} ...?>",
+        "doctype": "a DTD (<!DOCTYPE {}>)",
+        "entity-decl": "an entity declaration ({})",
+        "skipped-entity": "an entity reference &{};",
+        "external-entity": "an external entity reference",
+    }[kind].format(*args)
+    return "restricted-xml", f"{what} is not allowed in an XMPP stream (RFC 6120 §11.1)"
+
+
+# -------------------------------------------------------------------- the framer in C
+
+def _c_error(kind: str, *args) -> XmlError:
+    return XmlError(*_error_text(kind, *args))
+
+
+try:
+    from proxy import _xmlframe
+except ImportError:   # built without a compiler: the Python framer does the work
+    _xmlframe = None
+else:
+    _xmlframe.configure(Node, Element, StreamOpened, StreamClosed, _c_error)
+
+    class CXmlStreamParser(_xmlframe.Framer):
+        """`PyXmlStreamParser` with its expat handlers in C (proxy/_xmlframe.c): the same
+        events for the same bytes, one Python object per first-level element."""
+
+        __slots__ = ()
+
+        def __init__(self, *, max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+                     stop_after: Callable[[Element], bool] | None = None,
+                     max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+            super().__init__(max_stanza_bytes, stop_after, max_header_bytes)
+
+FRAMER_ENV = "XMPP_DANE_PROXY_FRAMER"
+
+
+def _choose_framer() -> str:
+    wanted = os.environ.get(FRAMER_ENV, "").strip().lower()
+    if wanted not in ("", "c", "python"):
+        raise ImportError(f"{FRAMER_ENV}={wanted!r}: use 'c' or 'python'")
+    if wanted == "c" and _xmlframe is None:
+        raise ImportError(f"{FRAMER_ENV}=c, but the C framer (proxy._xmlframe) is not built")
+    # The C framer by default: same events, a fraction of the CPU per stanza (bench/).
+    return "python" if wanted == "python" or _xmlframe is None else "c"
+
+
+#: Which framer `XmlStreamParser` is: "c" or "python" (for logs and bench/).
+FRAMER = _choose_framer()
+XmlStreamParser: type = CXmlStreamParser if FRAMER == "c" else PyXmlStreamParser
+if _xmlframe is None:
+    CXmlStreamParser = None  # type: ignore[assignment,misc]
+
+
+
 # -------------------------------------------------------------------- building output
 
 def classify_expat_error(exc: expat.ExpatError, where: str, *, prefix_hint: str = "",
                          malformed_hint: str = "") -> tuple[str, str]:
     """The RFC 6120 §4.9.3 stream error condition and text for an expat error at `where`."""
-    message = expat.ErrorString(exc.code)
-    if exc.code in _RESTRICTED_CODES:
+    return _condition_of_expat(exc.code, where, prefix_hint=prefix_hint, malformed_hint=malformed_hint)
+
+
+def _condition_of_expat(code: int, where: str, *, prefix_hint: str = "",
+                        malformed_hint: str = "") -> tuple[str, str]:
+    message = expat.ErrorString(code)
+    if code in _RESTRICTED_CODES:
         return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
-    if exc.code == _UNBOUND_PREFIX:
+    if code == _UNBOUND_PREFIX:
         return "bad-namespace-prefix", f"{message} {where}{prefix_hint}"
-    if exc.code in _ENCODING_CODES:
+    if code in _ENCODING_CODES:
         return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
     return "not-well-formed", f"{message} {where}{malformed_hint}"
 
@@ -608,8 +685,9 @@ def stream_error(condition: str, text: str, *, close: bool = True) -> bytes:
 
 
 __all__ = [
-    "DEFAULT_MAX_STANZA_BYTES", "Element", "MAX_HEADER_BYTES", "Event", "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES",
-    "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS", "NS_TLS", "NS_XML",
+    "CXmlStreamParser", "DEFAULT_MAX_STANZA_BYTES", "Element", "FRAMER", "FRAMER_ENV", "MAX_HEADER_BYTES", "Event",
+    "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES", "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS",
+    "NS_TLS", "NS_XML", "PyXmlStreamParser",
     "STREAM_CLOSE", "StreamClosed", "StreamOpened", "XmlError", "XmlStreamParser",
     "stream_error", "stream_header", "xml_attr", "xml_text",
 ]

@@ -45,6 +45,7 @@ from proxy.config import Config, parse_hostport
 from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
+from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision, log_event
 from proxy.streamerrors import StreamError
 from proxy.websocket_outbound import connect_with_transports
@@ -500,6 +501,7 @@ class OutboundProxy:
             backend_addr = "-"
         if metrics is not None:
             metrics.connection_opened("outbound")
+        enable_keepalive(stream)
         session = OutboundSession(local_domains=ctx.local_domains, max_stanza_bytes=ctx.max_stanza_bytes)
         run = _Run(stream, session, ctx, backend_addr)
         scope = trio.CancelScope()
@@ -650,6 +652,7 @@ class _Run:
                       domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
             return None
         self.peer = connection.stream
+        enable_keepalive(self.peer)
         self.peer_addr = connection.attempt.address or "-"
         if ctx.metrics is not None:
             ctx.metrics.handshake("outbound", time.monotonic() - self.started)

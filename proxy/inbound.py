@@ -799,7 +799,7 @@ class InboundSession:
 
     def _end_backend_stream(self) -> None:
         """Close the backend's stream politely (after everything already forwarded)."""
-        if self.state in ("relay", "peer-done", "draining") and not self._backend_closed_sent:
+        if self.state in ("relay", "peer-done", "draining", "backend-done") and not self._backend_closed_sent:
             self._backend_closed_sent = True
             self._out.append(SendToBackend(STREAM_CLOSE))
 
@@ -998,15 +998,14 @@ class InboundConnection:
                         self.close_reason = "the backend did not close its stream in time"
                         self.outcome = "ok"
                 nursery.cancel_scope.cancel()
-        except trio.Cancelled:
-            # Cancelled from outside (the proxy stops and the drain time is over): the peer
-            # gets system-shutdown (if our stream to it is open), the backend its closing tag.
-            if not self.session.closed:
+        except BaseException as exc:
+            if not _is_cancellation(exc):
+                escaped = exc
+            elif not self.session.closed:
+                # Cancelled from outside (the proxy stops and the drain time is over): the peer
+                # gets system-shutdown (if our stream to it is open), the backend its closing tag.
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await self._perform(self.session.stopped())
-            raise
-        except BaseException as exc:
-            escaped = exc
             raise
         finally:
             await self._close_all()
@@ -1156,12 +1155,11 @@ class InboundConnection:
         try:
             stream = await open_backend(self.settings.backend)
         except (OSError, ValueError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            detail = _os_error_text(exc)
             if out_of_resources(exc):
                 # EMFILE & co: the backend is fine, the proxy is out of descriptors.
                 await self._perform(self.session.backend_failed(
-                    f"the proxy cannot open a connection to its backend: {_resource_error(exc)}",
-                    "resource-constraint"))
+                    f"the proxy cannot open a connection to its backend: {detail}", "resource-constraint"))
                 return
             await self._perform(self.session.backend_failed(f"backend {self.settings.backend} unreachable: {detail}"))
             return
@@ -1236,12 +1234,27 @@ class InboundConnection:
         await self._perform(self.session.shutdown())
 
 
-def _resource_error(exc: BaseException) -> str:
-    while exc.__cause__ is not None and not (isinstance(exc, OSError) and exc.errno is not None):
-        exc = exc.__cause__
-    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+def _is_cancellation(exc: BaseException) -> bool:
+    """trio.Cancelled, or a nursery's group of nothing but (trio >= 0.25 groups them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def _os_error_text(exc: BaseException) -> str:
+    """The operating system's words for why a connect failed (trio.open_tcp_stream wraps the
+    errors of its attempts in "all attempts to connect ... failed")."""
+    seen, todo = 0, [exc]
+    while todo and seen < 32:
+        e = todo.pop(0)
+        seen += 1
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
+    return str(exc)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -515,6 +515,9 @@ class OutboundProxy:
         except Exception:
             log_event(log, logging.ERROR, "outbound-failed", backend=backend_addr, exc_info=True)
             outcome = "internal-error"
+        except BaseException:
+            outcome = "system-shutdown"   # cancelled from outside: the proxy stops
+            raise
         finally:
             self._running.discard(scope)
             await run.close_all()

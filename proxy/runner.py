@@ -130,7 +130,7 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         nursery.cancel_scope.cancel()
     # One line with every connection's outcome: what happened, for the operator and the tests.
     log_event(log, logging.INFO, "stopped", **{f"outcome_{k.replace('-', '_')}": v
-                                              for k, v in sorted(metrics.connection_totals().items())})
+                                              for k, v in sorted(metrics.connection_totals().items()) if v})
 
 
 def _addresses(listeners) -> str:

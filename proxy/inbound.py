@@ -487,7 +487,8 @@ class InboundSession:
         if self.closed:
             return []
         lost = elements_in(data, self._peer_header.raw if self._peer_header else b"", self.backend_max_element_bytes)
-        self._out.extend(self.backend_eof(reason))
+        ended = self.backend_eof(reason)   # (it resets self._out: extend the new one)
+        self._out.extend(ended)
         for el in lost:
             self._undeliverable(el)
         return self._take()

@@ -101,7 +101,9 @@ def parse_policy_document(doc: TomlDocument) -> Policy:
         errors.append(f"{doc.where(key)}: {key}: {message}")
 
     if "require" in data:
-        if data["require"] not in REQUIRE_MODES:
+        if _is_number(data["require"]):
+            bad("require", _number_for_string(data["require"], REQUIRE_MODES))
+        elif data["require"] not in REQUIRE_MODES:
             bad("require", f"{data['require']!r} is not one of {', '.join(REQUIRE_MODES)}")
         else:
             kwargs["require"] = data["require"]
@@ -115,7 +117,9 @@ def parse_policy_document(doc: TomlDocument) -> Policy:
             except ValueError as exc:
                 bad("dane_uses", str(exc))
     if "tls_min_version" in data:
-        if data["tls_min_version"] not in TLS_VERSIONS:
+        if _is_number(data["tls_min_version"]):
+            bad("tls_min_version", _number_for_string(data["tls_min_version"], TLS_VERSIONS))
+        elif data["tls_min_version"] not in TLS_VERSIONS:
             bad("tls_min_version", f"{data['tls_min_version']!r} is not one of {', '.join(TLS_VERSIONS)}")
         else:
             kwargs["tls_min_version"] = data["tls_min_version"]
@@ -140,9 +144,30 @@ def parse_policy_document(doc: TomlDocument) -> Policy:
             kwargs[key] = tuple(parse(v) for v in data[key])
         except ValueError as exc:
             bad(key, str(exc))
+    if "tlsa" in kwargs:
+        # A static record of a usage this file's dane_uses disables is never used: with
+        # require = "dane" the peer could never be accepted.  Almost surely a mistake.
+        uses = kwargs.get("dane_uses", DEFAULT_DANE_USES)
+        names = {v: k for k, v in DANE_USE_NAMES.items()}
+        for rec in kwargs["tlsa"]:
+            if rec.usage not in uses:
+                bad("tlsa", f"record '{rec}' has usage {names[rec.usage]} ({rec.usage}), which dane_uses "
+                            f"disables ({', '.join(names[u] for u in sorted(uses)) or 'none'}): it would never "
+                            f"be used; add {names[rec.usage]!r} to dane_uses or change the record")
     if errors:
         raise PolicyError(errors)
     return Policy(**kwargs)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number_for_string(value: object, choices: Iterable[str]) -> str:
+    # TOML reads `tls_min_version = 1.2` as a float: name the type, not just the value,
+    # or the message reads "1.2 is not one of 1.2, 1.3".
+    return (f"{value!r} is a number, but a string is expected: write it in quotes (\"{value!r}\"); "
+            f"one of {', '.join(choices)}")
 
 
 def _parse_static_tlsa(text: str) -> TlsaRecord:

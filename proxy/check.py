@@ -6,13 +6,19 @@ TLSA, each with its DNSSEC status), then for *every* target — not just until o
 accepted — connects, negotiates STARTTLS or Direct TLS, shows the chain the server presented
 and the verdict of DOMAIN's policy on it, with the reason.  The connection code is the
 proxy's own (`proxy.connect.attempt_target`), so a verdict here is the proxy's verdict.
-DOMAIN's POSH document (RFC 7711) is fetched and shown too, with whether each target's
-certificate matches it; the verdicts use it only where the policy does (`posh`, `require`).
+Only what the policy can use is looked up, as the proxy would: DOMAIN's POSH document (RFC
+7711) only when the policy uses POSH (`require = "posh"`, `posh = true`), host-meta and its
+WebSocket endpoints only when `transports` names "websocket", TCP targets only when it names
+"tcp"; a blocked domain needs no lookup, and a failed SRV lookup ends the check (the domain
+fails closed), so a resolver that is down costs one lookup timeout, not several.  Answers
+are shown with their status and what they said (`secure, NXDOMAIN`, `insecure, NODATA`).
+`--inbound` applies the inbound rules instead (proxy/check_inbound.py).
 
 Settings: `-c FILE` gives the resolver (`[dns]`), the policy directory and trust store
 (`[policy]`), the per-target timeout (`limits.handshake_timeout`) and the client certificate
 (the first `[[domain]]`, as the proxy would present it); `--nameserver HOST[:PORT]` replaces
-the resolver.  Without a file: resolver 127.0.0.1 (a local validating unbound, as the proxy
+the resolver.  Without `-c`, /etc/xmpp-dane-proxy/config.toml is used when it exists (as
+`run` does); without any file: resolver 127.0.0.1 (a local validating unbound, as the proxy
 expects), the built-in default policy, the system trust store, no client certificate.
 
 Exit status: 0 when every target was accepted, 1 when any was rejected or could not be
@@ -28,7 +34,8 @@ from typing import Any, TextIO
 
 from cryptography import x509
 
-from policy.dns import Resolver, parse_nameserver
+from policy.chain_tlsa import chain_values, mismatch_lines
+from policy.dns import Answer, Resolver, parse_nameserver
 from policy.evidence import Evidence
 from policy.decide import decide
 from policy.peer_evidence import PeerEvidence, SrvTarget, gather
@@ -37,8 +44,9 @@ from policy.pkix_names import normalise_domain, presented_ids
 from policy.policyfile import DANE_USE_NAMES, Policy, PolicyError, PolicySet
 from policy.posh import PoshResult, posh_url
 from policy.verdict import Verdict, reject
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from proxy.connect import TargetAttempt, TlsContexts, attempt_target
+from proxy.metrics import reason_category
 from proxy.posh_fetch import PoshFetcher, shared_fetcher
 from proxy.websocket_outbound import attempt_websocket, discoverer_for
 from proxy.tls import TlsConfigError
@@ -54,6 +62,56 @@ _USE_NAMES = {v: k for k, v in DANE_USE_NAMES.items()}
 
 class _BadInput(Exception):
     pass
+
+
+# `check` without -c reads the file `run` reads, when it exists (a module global so tests can
+# point it elsewhere).
+DEFAULT_CONFIG = DEFAULT_CONFIG_PATH
+
+
+def config_or_default(path: str | None) -> str | None:
+    """`-c FILE`, else the default config file if it exists, else None (built-in defaults)."""
+    if path is not None:
+        return path
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+class RecordingResolver:
+    """A `policy.dns.Resolver` that remembers every answer it gave, so `check` can show
+    NXDOMAIN/NODATA beside the status, and tests can see which lookups were made."""
+
+    def __init__(self, inner: Resolver) -> None:
+        self._inner = inner
+        self.answers: dict[str, Answer] = {}
+        self.lookups: list[Answer] = []
+
+    async def lookup(self, name: Any, rdtype: Any) -> Answer:
+        answer = await self._inner.lookup(name, rdtype)
+        self.lookups.append(answer)
+        self.answers[answer.key] = answer
+        return answer
+
+    @property
+    def inner(self) -> Resolver:
+        """The resolver being recorded."""
+        return self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def describe(self, key: str, status: object) -> str:
+        """`secure`, or `secure, NXDOMAIN` / `insecure, NODATA` / `bogus: reason` for `key`."""
+        answer = self.answers.get(key)
+        if answer is None:
+            return str(status)
+        if answer.failed:
+            return f"{status}" + (f": {answer.reason}" if answer.reason else "")
+        if answer.nxdomain:
+            return f"{status}, NXDOMAIN"
+        if answer.nodata:
+            return f"{status}, NODATA"
+        via = f" via {' -> '.join(answer.cname_chain)}" if answer.cname_chain else ""
+        return f"{status}, {len(answer.rrset)} record(s){via}"
 
 
 class CheckResult:
@@ -87,6 +145,7 @@ class CheckResult:
             "client_certificate": self.client,
             "evidence": None if ev is None else {
                 "statuses": {k: str(v) for k, v in ev.statuses.items()},
+                "answers": {k: _describe(self.resolver, k, v) for k, v in ev.statuses.items()},
                 "failure": str(ev.failure) if ev.failure else None,
                 "reason": ev.reason or None,
                 "no_service": ev.no_service,
@@ -120,7 +179,7 @@ class CheckResult:
             lines.append("DNS evidence")
             width = max((len(k) for k in ev.statuses), default=0)
             for key, status in ev.statuses.items():
-                lines.append(f"  {key:<{width}}  {status}")
+                lines.append(f"  {key:<{width}}  {_describe(self.resolver, key, status)}")
             if ev.failure:
                 lines.append(f"  FAILED CLOSED ({ev.failure}): {ev.reason}")
             elif ev.no_service:
@@ -133,9 +192,11 @@ class CheckResult:
             lines += _render_posh(self.posh, self.policy)
         if self.websocket is not None:
             lines.append("")
-            lines.append("WebSocket (XEP-0468): " + ("used, transports = " + ", ".join(p.transports)
-                         if "websocket" in p.transports else "not used (policy transports = tcp)"))
+            lines.append("WebSocket (XEP-0468): used, transports = " + ", ".join(p.transports))
             lines += [f"  {url}" for url in self.websocket.urls] or [f"  no endpoint: {self.websocket.reason}"]
+        if "tcp" not in p.transports and self.domain_verdict is None:
+            lines.append("")
+            lines.append("TCP targets: not tried (policy transports = " + ", ".join(p.transports) + ")")
         if self.domain_verdict is not None:
             lines.append("")
             lines.append(f"REJECTED before any target: {self.domain_verdict.reason}")
@@ -160,6 +221,10 @@ class CheckResult:
         else:
             lines.append(f"RESULT: reject — {good} of {total} target(s) of {self.domain} accepted")
         return "\n".join(lines)
+
+
+def _describe(resolver: Any, key: str, status: object) -> str:
+    return resolver.describe(key, status) if isinstance(resolver, RecordingResolver) else str(status)
 
 
 def _posh_use(p: Policy) -> str:
@@ -249,6 +314,8 @@ def _attempt_obj(a: TargetAttempt) -> dict[str, Any]:
         "chain": [_cert_obj(c) for c in a.chain],
         "error": a.error,
         "verdict": a.verdict.as_json_obj() if a.verdict else None,
+        "presented_tlsa": [{"depth": c.depth, "record": str(c.record)} for c in chain_values(a.chain)]
+        if a.chain and a.verdict is not None and reason_category(a.verdict) == "dane-mismatch" else None,
         "seconds": round(a.seconds, 3),
     }
 
@@ -297,10 +364,21 @@ def _render_attempt(n: int, a: TargetAttempt, posh: PoshResult | None = None) ->
         row("reason", v.reason)
         if a.error:
             row("note", a.error)
+        if a.chain and reason_category(v) == "dane-mismatch":
+            out += mismatch_lines(a.chain, t.tlsa, indent="  ")
     else:
         row("verdict", "FAILED (no verdict)")
         row("reason", a.error or "-")
     return out
+
+
+def _read_chain(path: str) -> list[x509.Certificate]:
+    from proxy.certfiles import CertFileError, read_chain
+
+    try:
+        return read_chain(path)
+    except CertFileError as exc:
+        raise _BadInput(f"--cert {exc}") from None
 
 
 def _settings(config: str | Path | Config | None, nameserver: str | None):
@@ -341,59 +419,96 @@ def _settings(config: str | Path | Config | None, nameserver: str | None):
     return resolver, policies, trust, contexts, client, timeout, (cfg.limits.max_stanza_bytes if cfg else None)
 
 
+def _uses_posh(p: Policy) -> bool:
+    """Whether `decide` can consult POSH under this policy (so a fetch is worth making)."""
+    return p.require == "posh" or (p.posh and p.require in ("pkix", "dane-or-pkix"))
+
+
 async def check_domain(domain: str, *, resolver: Resolver, policies: PolicySet, trust: TrustStore | None,
                        contexts: TlsContexts, client: str | None, timeout: float = CHECK_TIMEOUT,
                        posh: PoshFetcher | None = None, **attempt_kwargs: Any) -> CheckResult:
     """Gather DOMAIN's evidence and try every target; the result, unprinted.
 
-    DOMAIN's POSH document is fetched whatever the policy says (a diagnosis shows it; the
-    verdicts use it only where the policy does).  `posh`: the fetcher (default: the shared one
-    for `resolver`)."""
+    Only what the policy and its `transports` can use is looked up, as the proxy would: no
+    lookup at all for a blocked domain, DOMAIN's POSH document only when the policy uses POSH,
+    host-meta and WebSocket endpoints only with `transports` naming "websocket", the SRV/TCP
+    targets only with "tcp" (their DNS evidence is still gathered: a bogus SRV fails the
+    domain closed on every transport).  `posh`: the fetcher (default: the shared one for
+    `resolver`)."""
     d = normalise_domain(domain)
     policy = policies.for_domain(d)
-    result = CheckResult(d, policy, resolver, client)
-    fetcher = posh if posh is not None else shared_fetcher(resolver)
-    peer = await gather(d, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa)
+    recorder = resolver if isinstance(resolver, RecordingResolver) else RecordingResolver(resolver)
+    # The POSH fetcher and host-meta discovery are shared per resolver (their caches, and
+    # the test overrides); they belong to the real one, not to this recording view of it.
+    base = recorder.inner
+    result = CheckResult(d, policy, recorder, client)
+    if policy.require == "block":
+        result.domain_verdict = decide([], Evidence(domain=d), policy, trust=trust)
+        return result
+    fetcher = None
+    if _uses_posh(policy):
+        fetcher = posh if posh is not None else shared_fetcher(base)
+    peer = await gather(d, recorder, static_srv=policy.srv, static_tlsa=policy.tlsa)
     result.evidence = peer
-    result.posh = await fetcher.fetch(d, trust=trust)
-    result.websocket = await discoverer_for(resolver).discover(d, trust=trust)
     if peer.failed:
         result.domain_verdict = decide([], Evidence(domain=d, statuses=dict(peer.srv_statuses)), policy, trust=trust)
         return result
-    if not peer.targets:
+    if fetcher is not None:
+        result.posh = await fetcher.fetch(d, trust=trust)
+    use_tcp, use_ws = "tcp" in policy.transports, "websocket" in policy.transports
+    if use_ws:
+        result.websocket = await discoverer_for(base).discover(d, trust=trust)
+    if not peer.targets and not use_ws:
         why = ("it publishes no XMPP server-to-server service (SRV target '.')" if peer.no_service
                else "DNS gave no server to connect to")
         result.domain_verdict = reject(f"{d}: {why}", dns={k: str(v) for k, v in peer.statuses.items()},
                                        policy_source=policy.source)
         return result
-    for target in peer.targets:
+    for target in peer.targets if use_tcp else ():
         attempt, _ = await attempt_target(peer, target, policy=policy, trust=trust, contexts=contexts,
                                           local_domain=client, timeout=timeout, connect_anyway=True,
                                           posh=fetcher, **attempt_kwargs)
         result.attempts.append(attempt)
-    if "websocket" in policy.transports:
+    if use_ws:
         for url in result.websocket.urls:
             attempt, _ = await attempt_websocket(peer, url, policy=policy, trust=trust, contexts=contexts,
-                                                 local_domain=client, resolver=resolver, timeout=timeout,
-                                                 keep_open=False, overrides=discoverer_for(resolver).overrides)
+                                                 local_domain=client, resolver=base, timeout=timeout,
+                                                 keep_open=False, overrides=discoverer_for(base).overrides)
             result.attempts.append(attempt)
     return result
 
 
 async def run_check(domain: str, *, config: str | Path | Config | None = None, nameserver: str | None = None,
-                    as_json: bool = False, out: TextIO = sys.stdout, err: TextIO | None = None,
-                    posh: PoshFetcher | None = None) -> int:
-    """The `check` command: print the findings for DOMAIN; return the exit status (§5)."""
+                    as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+                    posh: PoshFetcher | None = None, inbound: bool = False, cert: str | None = None) -> int:
+    """The `check` command: print the findings for DOMAIN; return the exit status (§5).
+    `inbound`: the inbound rules (proxy/check_inbound.py), for a peer presenting `cert`."""
     err = err if err is not None else sys.stderr
+    out = out if out is not None else sys.stdout
     d = normalise_domain(domain)
     if not d or any(c in d for c in "@/ "):
         print(f"xmpp-dane-proxy check: error: {domain!r} is not a domain name", file=err)
         return EXIT_BAD_INPUT
+    if cert is not None and not inbound:
+        print("xmpp-dane-proxy check: error: --cert goes with --inbound (the chain a peer presented)", file=err)
+        return EXIT_BAD_INPUT
     try:
         resolver, policies, trust, contexts, client, timeout, max_bytes = _settings(config, nameserver)
+        chain = _read_chain(cert) if cert is not None else []
     except _BadInput as exc:
         print(f"xmpp-dane-proxy check: error: {exc}", file=err)
         return EXIT_BAD_INPUT
+    if inbound:
+        from proxy.check_inbound import check_inbound
+
+        try:
+            found = await check_inbound(d, resolver=RecordingResolver(resolver), policies=policies, trust=trust,
+                                        chain=chain, chain_source=cert)
+        except ValueError as exc:
+            print(f"xmpp-dane-proxy check: error: {domain!r}: {exc}", file=err)
+            return EXIT_BAD_INPUT
+        print(json.dumps(found.as_json_obj(), indent=2) if as_json else found.render(), file=out)
+        return EXIT_ACCEPT if found.accepted else EXIT_REJECT
     kwargs: dict[str, Any] = {"max_stanza_bytes": max_bytes} if max_bytes else {}
     if posh is not None:
         kwargs["posh"] = posh

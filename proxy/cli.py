@@ -17,11 +17,10 @@ from policy.decide import decide
 from policy.evidence import DnsStatus, Evidence
 from policy.pkix import TrustStore, TrustStoreError
 from policy.pkix_names import normalise_domain
-from policy.policyfile import (DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy,
-                               PolicyError, PolicySet)
+from policy.policyfile import DEFAULT_DANE_USES, DANE_USE_NAMES, REQUIRE_MODES, Policy
 from policy.tlsa import parse_tlsa_lenient, record_for
 from proxy import certfiles
-from proxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from proxy.config import DEFAULT_CONFIG_PATH
 
 EXIT_OK, EXIT_REJECT, EXIT_BAD_INPUT = 0, 1, 2
 _DNSSEC_CHOICES = ("secure", "insecure", "bogus")
@@ -62,26 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="D's POSH document (RFC 7711 JSON, as served at /.well-known/posh/xmpp-server.json)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
-    t = sub.add_parser("tlsa", help="print the TLSA record for a certificate")
-    t.add_argument("--cert", required=True)
+    t = sub.add_parser("tlsa", help="print the TLSA record for a certificate, or check our own (--check)")
+    t.add_argument("--cert", default=None,
+                   help="PEM chain to print a record for; with --check: a candidate chain to compare instead of the served one")
+    t.add_argument("--check", metavar="DOMAIN", default=None,
+                   help="compare a [[domain]]'s published TLSA with the served chain and staged next key")
+    t.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="with --check: the proxy's config file")
+    t.add_argument("--nameserver", default=None, help="with --check: resolver HOST[:PORT] instead of [dns]")
+    t.add_argument("--json", action="store_true", help="with --check: print one JSON object")
     t.add_argument("--usage", default="3")
     t.add_argument("--selector", default="1")
     t.add_argument("--mtype", default="1")
     t.add_argument("--host", default=None)
     t.add_argument("--port", type=int, default=5269)
 
+    cp = sub.add_parser("contrib-path", help="print where the backends' modules (contrib/) are installed",
+                        description="Print the directory of the installed backend modules, for "
+                                    "Prosody's plugin_paths or ejabberd's modules directory.")
+    cp.add_argument("backend", nargs="?", default=None,
+                    help="a backend (prosody, ejabberd): print its subdirectory instead of contrib/ itself")
+
     ch = sub.add_parser("check", help="live check of a peer domain")
     ch.add_argument("domain")
     ch.add_argument("-c", "--config", default=None)
     ch.add_argument("--nameserver", default=None)
     ch.add_argument("--json", action="store_true")
+    ch.add_argument("--inbound", action="store_true",
+                    help="apply the inbound rules (a peer of DOMAIN connecting to us) instead of the outbound ones")
+    ch.add_argument("--cert", default=None, help="with --inbound: the chain the peer presented (PEM, leaf first)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "verify": cmd_verify,
-               "tlsa": cmd_tlsa, "check": cmd_check}[args.command]
+               "tlsa": cmd_tlsa, "check": cmd_check, "contrib-path": cmd_contrib_path}[args.command]
     try:
         return handler(args)
     except BadInput as exc:
@@ -169,6 +183,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"matched:   {verdict.matched or '-'}")
         print(f"identity:  {verdict.identity or '-'}")
         print(f"reason:    {verdict.reason}")
+        from proxy.metrics import reason_category
+
+        if chain and reason_category(verdict) == "dane-mismatch":
+            # As posttls-finger / ldns-dane do: the chain's own values beside the records, in full.
+            from policy.chain_tlsa import mismatch_lines
+
+            print("\n".join(mismatch_lines(chain, evidence.tlsa, indent="")))
     return EXIT_OK if verdict.accepted else EXIT_REJECT
 
 
@@ -180,6 +201,17 @@ def _field(text: str, mnemonics: dict[str, int], flag: str, allowed: tuple[int, 
 
 
 def cmd_tlsa(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        import functools
+
+        import trio
+
+        from proxy.own_tlsa import run_tlsa_check
+
+        return trio.run(functools.partial(run_tlsa_check, args.check, config=args.config,
+                                          nameserver=args.nameserver, cert=args.cert, as_json=args.json))
+    if args.cert is None:
+        raise BadInput("--cert PEM is needed (or --check DOMAIN)")
     usage = _field(args.usage, {v: k for k, v in tlsa_mod.USAGE_NAMES.items()}, "--usage", (0, 1, 2, 3))
     selector = _field(args.selector, {"CERT": 0, "SPKI": 1}, "--selector", (0, 1))
     mtype = _field(args.mtype, {"FULL": 0, "SHA2-256": 1, "SHA2-512": 2}, "--mtype", (0, 1, 2))
@@ -206,46 +238,21 @@ def cmd_tlsa(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    errors: list[str] = []
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.messages:
-            print(line, file=sys.stderr)
+    from proxy.check_config import check_config_file
+
+    report = check_config_file(args.config)
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if not report.ok:
         return EXIT_REJECT
-    policies = None
-    try:
-        policies = PolicySet.load(cfg.policy.dir or None)
-    except PolicyError as exc:
-        errors.extend(exc.messages)
-    if cfg.policy.ca_file:
-        try:
-            TrustStore.load(cfg.policy.ca_file)
-        except TrustStoreError as exc:
-            errors.append(f"{cfg.path}:0: policy.ca_file: {exc}")
-    for dom in cfg.domains:
-        errors.extend(check_domain_files(cfg.path, dom.name, dom.cert, dom.key))
-    if errors:
-        for line in errors:
-            print(line, file=sys.stderr)
-        return EXIT_REJECT
-    count = policies.files if policies else 0
-    print(f"{cfg.path}: ok ({len(cfg.domains)} domains, {count} policy files)")
+    print(report.summary())
     return EXIT_OK
-
-
-def check_domain_files(config_path: str, name: str, cert_path: str, key_path: str) -> list[str]:
-    """Problems with a local domain's certificate and key, as `file:line: message` lines."""
-    try:
-        certfiles.load_identity(cert_path, key_path)
-    except certfiles.CertFileError as exc:
-        return [f"{config_path}:0: domain {name}: {exc}"]
-    return []
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from proxy.listen import ListenError
     from proxy.reload import StateLoadError
     from proxy.runner import run_proxy
     from proxy.socket_activation import SocketActivationError
@@ -259,9 +266,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SocketActivationError as exc:
         print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
         return EXIT_REJECT
+    except ListenError as exc:
+        # EADDRINUSE / EACCES when binding a listen address: the message names it.
+        print(f"xmpp-dane-proxy run: {exc}", file=sys.stderr)
+        return EXIT_REJECT
     except OSError as exc:
-        # Typically EADDRINUSE / EACCES when binding a listen address.
-        print(f"xmpp-dane-proxy run: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        print(f"xmpp-dane-proxy run: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REJECT
     return EXIT_OK
 
@@ -271,7 +281,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     import trio
 
-    from proxy.check import run_check
+    from proxy.check import config_or_default, run_check
 
-    return trio.run(functools.partial(run_check, args.domain, config=args.config,
-                                      nameserver=args.nameserver, as_json=args.json))
+    return trio.run(functools.partial(run_check, args.domain, config=config_or_default(args.config),
+                                      nameserver=args.nameserver, as_json=args.json,
+                                      inbound=args.inbound, cert=args.cert))
+
+
+def cmd_contrib_path(args: argparse.Namespace) -> int:
+    from proxy.contrib_path import backends, contrib_dir
+
+    root = contrib_dir()
+    if root is None:
+        raise BadInput("contrib/ is not installed with this copy of the proxy; reinstall it with pip")
+    if args.backend is None:
+        print(root)
+    elif args.backend in backends():
+        print(root / args.backend)
+    else:
+        raise BadInput(f"no modules for {args.backend!r} (there are: {', '.join(backends())})")
+    return EXIT_OK

@@ -62,6 +62,12 @@ class DomainConfig:
     name: str
     cert: str
     key: str
+    # Staged next identity for a TLSA rollover (RFC 7671 §8.1; proxy/own_tlsa.py): checked
+    # against DNS, never served.  Empty = none staged.
+    next_cert: str = ""
+    next_key: str = ""
+    # Which [[domain]] table of the file this is (0-based), so messages can point at its lines.
+    index: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,16 @@ class Config:
 
 # --- value checkers: each returns the converted value or raises ValueError -------------------
 
+def _not_a_string(v: Any) -> str:
+    # TOML reads `tls_min_version = 1.2` or `level = 1` as a number; say so, with the fix.
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"must be a string: {v!r} is a number (write it in quotes: \"{v!r}\")"
+    return "must be a string"
+
+
 def _str(v: Any) -> str:
     if not isinstance(v, str):
-        raise ValueError("must be a string")
+        raise ValueError(_not_a_string(v))
     return v
 
 
@@ -179,6 +192,8 @@ def _optional_listen(v: Any) -> str:
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def inner(v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError(f"{_not_a_string(v)}, one of {', '.join(choices)}")
         if v not in choices:
             raise ValueError(f"{v!r} is not one of {', '.join(choices)}")
         return v
@@ -198,7 +213,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "log": (LogConfig, {"level": _one_of("debug", "info", "warning", "error"),
                         "format": _one_of("text", "json")}),
 }
-_DOMAIN_KEYS = {"name": _str, "cert": _str, "key": _str}
+_DOMAIN_KEYS = {"name": _str, "cert": _str, "key": _str, "next_cert": _str, "next_key": _str}
+_DOMAIN_REQUIRED = ("name", "cert", "key")
 
 
 def load_config(path: str | Path) -> Config:
@@ -211,6 +227,16 @@ def load_config(path: str | Path) -> Config:
 
 
 def config_from_document(doc: TomlDocument) -> Config:
+    """The checked configuration of a parsed file; ConfigError listing every problem."""
+    cfg, errors = config_and_errors(doc)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def config_and_errors(doc: TomlDocument) -> tuple[Config, list[str]]:
+    """Every problem of a parsed file, and the configuration with each bad value left at its
+    default (for `check-config`, which goes on to check policies and certificates)."""
     errors: list[str] = []
     sections: dict[str, Any] = {}
     base = Path(doc.path).parent
@@ -236,14 +262,12 @@ def config_from_document(doc: TomlDocument) -> Config:
                 errors.append(f"{doc.where(key, name)}: {name}.{key} {exc}")
         sections[name] = cls(**kwargs)
     domains = _domains(doc, base, errors)
-    if errors:
-        raise ConfigError(errors)
     pol = sections.get("policy", PolicyConfig())
     sections["policy"] = PolicyConfig(
         dir=str(base / pol.dir) if pol.dir else "",
         ca_file=str(base / pol.ca_file) if pol.ca_file else "",
     )
-    return Config(domains=domains, path=doc.path, **sections)
+    return Config(domains=domains, path=doc.path, **sections), errors
 
 
 def _domains(doc: TomlDocument, base: Path, errors: list[str]) -> list[DomainConfig]:
@@ -256,20 +280,24 @@ def _domains(doc: TomlDocument, base: Path, errors: list[str]) -> list[DomainCon
         where = doc.where(None, "domain", i)
         unknown = [k for k in entry if k not in _DOMAIN_KEYS]
         for k in unknown:
-            errors.append(f"{doc.where(k, 'domain', i)}: unknown key domain.{k} (known: name, cert, key)")
-        missing = [k for k in _DOMAIN_KEYS if k not in entry]
+            errors.append(f"{doc.where(k, 'domain', i)}: unknown key domain.{k} (known: {', '.join(_DOMAIN_KEYS)})")
+        missing = [k for k in _DOMAIN_REQUIRED if k not in entry]
         if missing:
             errors.append(f"{where}: [[domain]] needs {', '.join(missing)}")
             continue
         try:
-            name, cert, key = (_str(entry[k]) for k in ("name", "cert", "key"))
+            name, cert, key, next_cert, next_key = (_str(entry.get(k, "")) for k in _DOMAIN_KEYS)
         except ValueError:
-            errors.append(f"{where}: [[domain]] name, cert and key must be strings")
+            errors.append(f"{where}: [[domain]] {', '.join(_DOMAIN_KEYS)} must be strings")
             continue
         # Relative certificate paths are relative to the config file, as operators expect
         # from nginx/Prosody-style configs kept in one directory.
-        out.append(DomainConfig(normalise_domain(name), str(base / cert), str(base / key)))
-    names = [d.name for d in out]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        errors.append(f"{doc.path}:0: domain {dup!r} is configured twice")
+        out.append(DomainConfig(normalise_domain(name), str(base / cert), str(base / key),
+                                str(base / next_cert) if next_cert else "",
+                                str(base / next_key) if next_key else "", index=i))
+    seen: set[str] = set()
+    for d in out:
+        if d.name in seen:
+            errors.append(f"{doc.where('name', 'domain', d.index)}: domain {d.name!r} is configured twice")
+        seen.add(d.name)
     return out

@@ -10,16 +10,13 @@ through `attempt_target`, so what `check` prints is what the proxy would do.
   (`PeerConnection`) or raises `PeerUnreachable` with every target's reason.
 * `attempt_target(...)` — one target: connect, negotiate, handshake, decide.  Evidence that
   already rejects (bogus/timed-out DNS) is decided without touching the network.
-* `open_tcp(addresses, port)` — happy eyeballs (RFC 8305) over IP literals, each attempt a
-  `trio.open_tcp_stream(IP, port)`: the OS resolver is never asked for a name, so the address
-  connected to is always one the validating resolver vouched for.
+* `open_tcp(addresses, port)` (from `proxy.tcp_connect`, re-exported) — happy eyeballs over
+  the validating resolver's IP literals.
 * `StartTlsNegotiation` — the initiating side of RFC 6120 §5.4 as a sans-IO object.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
-import os
 import re
 import secrets
 import time
@@ -42,6 +39,7 @@ from policy.policyfile import Policy
 from policy.posh import PoshResult
 from policy.verdict import Verdict, reject
 from proxy.posh_fetch import PoshFetcher, decide_with_posh, shared_fetcher
+from proxy.tcp_connect import HAPPY_EYEBALLS_DELAY, ConnectError, format_address, open_tcp, order_addresses
 from proxy.tls import ALPN_XMPP_SERVER, TlsError, TlsInfo, TlsStream, client_context, describe_openssl_error
 from proxy.xmlstream import (
     NS_STREAM_ERRORS, NS_STREAMS, NS_TLS, DEFAULT_MAX_STANZA_BYTES, Element, StreamClosed,
@@ -54,9 +52,6 @@ __all__ = [
     "describe_stream_error", "format_address", "open_tcp", "order_addresses",
 ]
 
-# RFC 8305 §5: "the recommended value for the Connection Attempt Delay is 250 ms"; also
-# trio's open_tcp_stream default and what Firefox/Chrome use.
-HAPPY_EYEBALLS_DELAY = 0.25
 # Per target, TCP + STARTTLS + TLS handshake.  The default is limits.handshake_timeout (30 s,
 # Prosody's and ejabberd's negotiation timeout); `check` and tests pass their own.
 DEFAULT_ATTEMPT_TIMEOUT = 30.0
@@ -67,91 +62,8 @@ MODE_STARTTLS = "starttls"
 MODE_DIRECT_TLS = "direct-tls"
 
 
-class ConnectError(Exception):
-    """TCP could not be established to any address; the message lists each address's error."""
-
-
 class NegotiationError(Exception):
     """The peer did not get us to a TLS handshake (STARTTLS refused, stream error, bad XML)."""
-
-
-def format_address(ip: str, port: int) -> str:
-    """`IP:PORT`, `[v6]:PORT` (the `peer=` form of DESIGN §6)."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-# ---------------------------------------------------------------------------------------------
-# TCP: happy eyeballs over the resolver's addresses
-
-
-def order_addresses(addresses: Sequence[str]) -> list[str]:
-    """Connection order for one target's addresses (RFC 8305 §4): IPv6 first, then the
-    families alternate, each family keeping its resolver order.  Non-IP text is dropped (it
-    would make the OS resolve a name)."""
-    v6, v4 = [], []
-    for text in addresses:
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            continue
-        (v6 if ip.version == 6 else v4).append(str(ip))
-    out: list[str] = []
-    for i in range(max(len(v6), len(v4))):
-        out += v6[i:i + 1] + v4[i:i + 1]
-    return out
-
-
-async def open_tcp(addresses: Sequence[str], port: int, *,
-                   delay: float = HAPPY_EYEBALLS_DELAY) -> tuple[trio.SocketStream, str]:
-    """Connect to the first of `addresses` (IP literals) that answers, RFC 8305 style.
-
-    An attempt starts; if it has neither failed nor succeeded after `delay` seconds (or as
-    soon as it fails) the next address is tried in parallel; the first connection wins and the
-    rest are cancelled.  Returns (stream, IP).  Raises ConnectError naming every failure.
-    """
-    ordered = order_addresses(addresses)
-    if not ordered:
-        raise ConnectError("no IP address to connect to")
-    winner: tuple[trio.SocketStream, str] | None = None
-    errors: list[str] = []
-
-    async with trio.open_nursery() as nursery:
-
-        async def attempt(ip: str, failed: trio.Event) -> None:
-            nonlocal winner
-            try:
-                # An IP literal: trio's getaddrinfo takes its numeric fast path, no DNS.
-                stream = await trio.open_tcp_stream(ip, port, happy_eyeballs_delay=delay)
-            except OSError as exc:
-                errors.append(f"{format_address(ip, port)}: {_os_reason(exc)}")
-                failed.set()
-                return
-            if winner is None:
-                winner = (stream, ip)
-                nursery.cancel_scope.cancel()
-            else:
-                await trio.aclose_forcefully(stream)
-
-        for ip in ordered:
-            failed = trio.Event()
-            nursery.start_soon(attempt, ip, failed)
-            with trio.move_on_after(delay):
-                await failed.wait()
-    if winner is None:
-        raise ConnectError("; ".join(errors) or "connection failed")
-    return winner
-
-
-def _os_reason(exc: OSError) -> str:
-    # open_tcp_stream wraps the real error ("Connection refused") in an OSError whose cause
-    # is a group of per-address errors; one address here, so one error to name.
-    cause = exc.__cause__
-    inner = getattr(cause, "exceptions", None)
-    if inner:
-        exc = inner[0]
-    if exc.errno:
-        return os.strerror(exc.errno)     # trio's strerror repeats the address
-    return str(exc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from policy.dns import Resolver
 from policy.pkix import TrustStore
 from policy.pkix_names import normalise_domain
+from proxy.tcp_connect import ConnectError, open_tcp
 
 HTTPS_PORT = 443
 # Status line plus headers; h11's own default limit for an incomplete event.
@@ -115,8 +116,6 @@ async def https_get(
     `connect_port` replaces the port connected to (tests; URL, SNI and certificate check stay
     the host's).  `stage[0]` is kept up to date
     with what is being waited for, so a caller's timeout can say where it stopped."""
-    # Imported here: proxy.connect imports the POSH fetcher, which imports this module.
-    from proxy.connect import ConnectError, open_tcp
 
     stage = stage if stage is not None else [""]
     url = f"https://{host}{'' if port == HTTPS_PORT else f':{port}'}{target}"

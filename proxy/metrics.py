@@ -30,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
 from proxy.config import parse_hostport
+from proxy.listen import tcp_listeners
 
 log = logging.getLogger("xmpp_dane_proxy.metrics")
 
@@ -153,6 +154,10 @@ class Metrics:
         self.cert_expiry = Gauge(
             f"{PREFIX}_certificate_expiry_timestamp_seconds", "notAfter of each local "
             "domain's certificate, as Unix time (alert well before it).", ["domain"], registry=r)
+        self.own_tlsa_match = Gauge(
+            f"{PREFIX}_own_tlsa_match", "1 if the chain served for the domain matches its published "
+            "usable TLSA records (or none are published), 0 if peers doing DANE reject it.",
+            ["domain"], registry=r)
         self.build_info = Gauge(f"{PREFIX}_build_info", "Version of the running proxy.",
                                 ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
@@ -233,6 +238,10 @@ class Metrics:
         self.cert_expiry.clear()
         for domain, ts in not_after.items():
             self.cert_expiry.labels(domain).set(ts)
+
+    def own_tlsa(self, domain: str, matches: bool) -> None:
+        """Result of the own-TLSA rollover guard for one local domain (proxy/own_tlsa.py)."""
+        self.own_tlsa_match.labels(domain).set(1 if matches else 0)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type) for a scrape with this Accept header; 0.0.4 text by default."""
@@ -359,7 +368,7 @@ async def open_metrics_listeners(listen: str) -> list[trio.SocketListener]:
     if not listen:
         return []
     host, port = parse_hostport(listen)
-    return await trio.open_tcp_listeners(port, host=host)
+    return await tcp_listeners(listen, port, host)
 
 
 async def serve_metrics(metrics: Metrics, listeners: Sequence[trio.SocketListener], *,

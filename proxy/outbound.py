@@ -42,6 +42,7 @@ from policy.pkix_names import normalise_domain
 from policy.policyfile import PolicySet
 from policy.verdict import Verdict
 from proxy.config import Config, parse_hostport
+from proxy.listen import tcp_listeners
 from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
@@ -768,7 +769,7 @@ async def open_outbound_listeners(addresses: list[str]) -> list[trio.SocketListe
                 loopback = host == "localhost"
             if not loopback:
                 raise ValueError(f"outbound.listen {entry!r}: must be a loopback address (127.0.0.0/8 or ::1)")
-            listeners += await trio.open_tcp_listeners(port, host=host)
+            listeners += await tcp_listeners(entry, port, host)
     except BaseException:
         for listener in listeners:
             await listener.aclose()

@@ -196,6 +196,8 @@ class StateHolder:
         self.metrics = metrics
         self._listeners: list[Callable[[RuntimeState, RuntimeState], None]] = []
         self._lock = trio.Lock()      # one reload at a time
+        # async (old, new, force) -> problems; set by the runner (own-TLSA guard).
+        self.vet: Callable[[RuntimeState, RuntimeState, bool], Any] | None = None
         self._state = load_state(self.path, build_tls=build_tls)
         for w in self._state.warnings:
             log.warning("%s", w)
@@ -213,11 +215,18 @@ class StateHolder:
         """Load the files again and swap the state in; on any error keep the old one."""
         return self._finish(self._load())
 
-    async def reload_async(self) -> ReloadResult:
+    async def reload_async(self, *, force: bool = False) -> ReloadResult:
         """`reload()` with the file reading and parsing in a worker thread, so the event loop
-        keeps relaying meanwhile; the swap itself happens on the trio thread."""
+        keeps relaying meanwhile; the swap itself happens on the trio thread.
+
+        `self.vet(old, new, force)` (optional, async) may refuse a loaded state with a list of
+        problems (the own-TLSA guard, proxy/own_tlsa.py); `force` is passed on to it."""
         async with self._lock:
             loaded = await trio.to_thread.run_sync(self._load)
+            if self.vet is not None and not isinstance(loaded, StateLoadError):
+                problems = await self.vet(self._state, loaded, force)
+                if problems:
+                    loaded = StateLoadError(list(problems))
             return self._finish(loaded)
 
     def _load(self) -> RuntimeState | StateLoadError:
@@ -266,11 +275,13 @@ async def reload_on_sighup(holder: StateHolder, *, notifier: Any = None,
     more reload (trio's signal receiver does that), which is what an operator who saved two
     files in quick succession wants.
     """
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+    # SIGUSR2: the same reload, forced past the own-TLSA guard (proxy/own_tlsa.py) — a signal
+    # rather than a flag file or config key, so the override is one-shot and leaves nothing behind.
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR2) as signals:
         task_status.started()
-        async for _ in signals:
+        async for signum in signals:
             if notifier is not None:
                 notifier.reloading("reloading configuration")
-            result = await holder.reload_async()
+            result = await holder.reload_async(force=signum == signal.SIGUSR2)
             if notifier is not None:
                 notifier.ready(result.summary())

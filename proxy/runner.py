@@ -21,6 +21,7 @@ from policy.dns import Resolver
 from proxy.fdlimit import raise_soft_limit
 from proxy.logsetup import configure_logging, log_event
 from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
+from proxy.own_tlsa import OwnTlsaGuard
 from proxy.outbound import OutboundContext, OutboundProxy, open_outbound_listeners
 from proxy.reload import RuntimeState, StateHolder, reload_on_sighup
 from proxy.sdnotify import Notifier
@@ -104,6 +105,9 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         configure_logging(new.config.log.level, new.config.log.format)
 
     holder.subscribe(swap)
+    # Our own TLSA against the served chain: at start, on reload (with its veto) and daily.
+    own_tlsa = OwnTlsaGuard(resolvers[0], metrics=metrics)
+    holder.vet = own_tlsa.vet_reload
 
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound,
@@ -112,6 +116,7 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
             await nursery.start(serve_metrics, metrics, metrics_listeners)
         await nursery.start(partial(reload_on_sighup, holder, notifier=notifier))
         nursery.start_soon(notifier.watchdog_task)
+        await nursery.start(own_tlsa.run, holder)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
             notifier.ready(f"serving {len(cfg.domains)} domains")
             log_event(log, logging.INFO, "ready", inbound=_addresses(inbound), outbound=_addresses(outbound),

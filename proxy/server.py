@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from proxy.config import Config, parse_hostport
+from proxy.listen import tcp_listeners
 from proxy.logsetup import format_peer, log_event
 from proxy.inbound import InboundConnection, InboundSettings
 from proxy.tls import ServerCertificates
@@ -116,7 +117,7 @@ async def open_listeners(addresses: Sequence[str]) -> list[trio.SocketListener]:
         for entry in addresses:
             host, port = parse_hostport(entry)
             wildcard = host in ("::", "*", "")
-            listeners += await trio.open_tcp_listeners(port, host=None if wildcard else host)
+            listeners += await tcp_listeners(entry, port, None if wildcard else host)
     except BaseException:
         for listener in listeners:
             await listener.aclose()

@@ -6,8 +6,8 @@ import pytest
 from proxy.cli import main
 
 # Real peers started by the tests: `dns_env` (nsd + unbound with signed zones, session-wide)
-# and `prosody_factory` (Prosody servers as backend or peer).
-pytest_plugins = ["dnsenv", "prosodyenv"]
+# `prosody_factory` and `ejabberd_factory` (Prosody and ejabberd servers as backend or peer).
+pytest_plugins = ["dnsenv", "prosodyenv", "ejabberdenv"]
 
 
 @pytest.fixture

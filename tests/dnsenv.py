@@ -52,7 +52,10 @@ import dns.zone
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import pytest
+try:  # pytest is only needed for the fixture; the demo (scripts/demo.py) runs without it.
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
 
 from policy.tlsa import record_for
 
@@ -706,9 +709,11 @@ def dns_environment(directory: Path | None = None) -> Iterator[DnsEnv]:
         env.stop()
 
 
-@pytest.fixture(scope="session")
-def dns_env() -> Iterator[DnsEnv]:
-    """Session-wide test DNS (nsd + validating unbound).  Tests publish under fresh names
-    (`dns_env.fresh(zone)`) so they never see each other's data."""
-    with dns_environment() as env:
-        yield env
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def dns_env() -> Iterator[DnsEnv]:
+        """Session-wide test DNS (nsd + validating unbound).  Tests publish under fresh names
+        (`dns_env.fresh(zone)`) so they never see each other's data."""
+        with dns_environment() as env:
+            yield env

@@ -176,3 +176,103 @@ def test_no_service_is_a_rejection(dns_env):
     assert code == 1
     assert "no XMPP server-to-server service (SRV target '.')" in text
     assert f"REJECTED before any target: {domain}: it publishes no XMPP server-to-server service" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Only what the policy and its transports can use is looked up; answers say NXDOMAIN/NODATA.
+
+
+def _lookups(domain, resolver, policies=None):
+    """Run check_domain with a recording resolver; (result, [(rdtype, name, status)])."""
+    from policy.policyfile import PolicySet
+    from proxy.check import RecordingResolver, check_domain
+    from proxy.connect import TlsContexts
+
+    recorder = RecordingResolver(resolver)
+
+    async def main():
+        return await check_domain(domain, resolver=recorder, policies=policies or PolicySet.load(None), trust=None,
+                                  contexts=TlsContexts({}), client=None, timeout=3.0)
+
+    result = trio.run(main)
+    return result, [(a.rdtype, a.name, str(a.status)) for a in recorder.lookups]
+
+
+def test_resolver_down_costs_one_round_of_srv_lookups(dns_env, tmp_path):
+    """With nobody answering, check asks the two SRV questions (at once), fails the domain
+    closed on them and stops: no POSH, host-meta or address lookups that would each wait
+    out the timeout again."""
+    from policy.dns import Resolver
+    from policy.policyfile import PolicySet
+
+    policy_dir = tmp_path / "policy.d"
+    policy_dir.mkdir()
+    (policy_dir / "default.toml").write_text('posh = true\ntransports = ["tcp", "websocket"]\n')
+    result, lookups = _lookups("down.example", Resolver([dns_env.blackhole], timeout=0.6),
+                               PolicySet.load(str(policy_dir)))
+    assert sorted(lookups) == [("SRV", "_xmpp-server._tcp.down.example", "timeout"),
+                               ("SRV", "_xmpps-server._tcp.down.example", "timeout")]
+    text = result.render()
+    assert "REJECTED before any target: DNSSEC evidence failed" in text
+    assert re.search(r"SRV _xmpp-server\._tcp\.down\.example +timeout: no answer within 0\.6s", text), text
+    assert result.posh is None and result.websocket is None and not result.accepted
+
+
+def test_no_posh_or_host_meta_lookups_unless_the_policy_uses_them(dns_env, tmp_path):
+    domain = dns_env.fresh(dns_env.secure, "cl")
+    dns_env.publish_xmpp(domain, f"xmpp.{domain}", 1, "127.0.0.1", self_signed([domain]).cert)
+    result, lookups = _lookups(domain, dns_env.resolver())
+    names = {(rdtype, name) for rdtype, name, _ in lookups}
+    assert names == {("SRV", f"_xmpp-server._tcp.{domain}"), ("SRV", f"_xmpps-server._tcp.{domain}"),
+                     ("A", f"xmpp.{domain}"), ("AAAA", f"xmpp.{domain}"), ("TLSA", f"_1._tcp.xmpp.{domain}")}
+    assert result.posh is None and result.websocket is None
+    text = result.render()
+    # NXDOMAIN and NODATA are said as such, beside their (secure) status.
+    assert re.search(rf"SRV _xmpps-server\._tcp\.{re.escape(domain)} +secure, NXDOMAIN", text), text
+    assert re.search(rf"AAAA xmpp\.{re.escape(domain)} +secure, NODATA", text), text
+    assert re.search(rf"SRV _xmpp-server\._tcp\.{re.escape(domain)} +secure, 1 record\(s\)", text), text
+    obj = result.as_json_obj()
+    assert obj["evidence"]["answers"][f"SRV _xmpps-server._tcp.{domain}"] == "secure, NXDOMAIN"
+
+
+def test_blocked_domain_needs_no_lookup(dns_env, tmp_path):
+    from policy.policyfile import PolicySet
+
+    policy_dir = tmp_path / "policy.d"
+    policy_dir.mkdir()
+    (policy_dir / "blocked.example.toml").write_text('require = "block"\n')
+    result, lookups = _lookups("blocked.example", dns_env.resolver(), PolicySet.load(str(policy_dir)))
+    assert lookups == [] and "blocked by policy" in result.render() and not result.accepted
+
+
+def test_mismatch_prints_the_presented_leafs_own_values_in_full(dns_env, tmp_path):
+    domain = dns_env.fresh(dns_env.secure, "cv")
+    served = self_signed([domain])
+    published = self_signed([domain]).cert
+    peer = StandInPeer(domain, served, tmp_path)
+    code, text = _run([peer], lambda: dns_env.publish_xmpp(domain, f"xmpp.{domain}", peer.port, peer.address,
+                                                         published, "3 1 1"),
+                      domain=domain, nameserver=dns_env.resolver_address)
+    assert code == 1 and "verdict    REJECT" in text, text
+    from policy.tlsa import record_for
+    assert f"      {record_for(published)}" in text                          # the zone's record, in full
+    for usage, selector, mtype in ((3, 1, 1), (3, 1, 2), (3, 0, 1)):
+        assert f"        {record_for(served.cert, usage, selector, mtype)}" in text
+
+
+def test_check_without_c_uses_the_default_config_when_it_exists(dns_env, tmp_path, monkeypatch, capsys):
+    import proxy.check
+    from proxy.cli import main
+
+    domain = dns_env.fresh(dns_env.secure, "cd")
+    dns_env.publish(None, f"_xmpp-server._tcp.{domain}", "SRV", "0 0 0 .")
+    config = _config(tmp_path, dns_env)
+    monkeypatch.setattr(proxy.check, "DEFAULT_CONFIG", config)
+    assert main(["check", domain, "--json"]) == 1
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["resolver"][0]["address"] == dns_env.resolver_address      # [dns] of the default file
+    assert obj["client_certificate"] == LOCAL
+    assert obj["evidence"]["no_service"] is True
+    monkeypatch.setattr(proxy.check, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    assert proxy.check.config_or_default(None) is None
+    assert proxy.check.config_or_default("given.toml") == "given.toml"

@@ -127,3 +127,19 @@ def test_console_script_and_module_agree(leaf):
             "--tlsa", str(record_for(self_signed([DOMAIN]).cert))]
     out = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True)
     assert out.returncode == 1 and json.loads(out.stdout)["verdict"] == "reject"
+
+
+def test_verify_mismatch_prints_the_chains_own_values_in_full(cli, leaf):
+    """As posttls-finger and ldns-dane do: beside the published record, the presented leaf's
+    own `3 1 1` / `3 1 2` / `3 0 1` values and the issuer's `2 x x` values, not cut short."""
+    issued, cert_path, _ = leaf
+    other = self_signed([DOMAIN]).cert
+    code, out, _ = cli("verify", "--chain", cert_path, "--domain", DOMAIN, "--tlsa", str(record_for(other)))
+    assert code == 1 and "no fallback to PKIX" in out
+    assert f"  = {record_for(other)}" not in out and f"    {record_for(other)}" in out
+    for usage, selector, mtype in ((3, 1, 1), (3, 1, 2), (3, 0, 1), (3, 0, 2)):
+        assert f"      {record_for(issued.cert, usage, selector, mtype)}" in out
+    assert f"      {record_for(issued.chain[1], 2, 1, 1)}" in out
+    # An accepted chain prints no such block.
+    code, out, _ = cli("verify", "--chain", cert_path, "--domain", DOMAIN, "--tlsa", str(record_for(issued.cert)))
+    assert code == 0 and "presented chain's own values" not in out

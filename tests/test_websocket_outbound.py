@@ -309,6 +309,10 @@ def test_check_lists_and_judges_the_websocket_endpoints(dns_env, tmp_path):
     assert peer.requests == 0                     # check only looks: no upgrade request
     text = result.render()
     assert "WebSocket (XEP-0468): used" in text and url in text
+    # transports = ["websocket"]: the TCP target (D itself, no SRV) is not tried, so the
+    # result is the proxy's: accepted.
+    assert [a.mode for a in result.attempts] == ["websocket"] and result.accepted
+    assert "TCP targets: not tried (policy transports = websocket)" in text
     assert result.as_json_obj()["websocket"]["endpoints"] == [url]
 
 

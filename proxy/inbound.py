@@ -547,6 +547,8 @@ class InboundSession:
         """The handshake timeout expired (normally before the stream was negotiated)."""
         if self.closed:
             return []
+        if self.negotiated and not self._backend_header_seen:
+            return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
         if self.negotiated:
             self._end_backend_stream()
             self._error("connection-timeout", f"stream set-up not completed within {seconds:g} s")

@@ -524,6 +524,9 @@ class OutboundProxy:
             await run.close_all()
             if metrics is not None:
                 metrics.connection_closed("outbound", outcome)
+            opening = session.opening
+            log_event(log, logging.INFO, "stream-closed", direction="outbound", backend=backend_addr,
+                      peer=run.peer_addr, domain=opening.peer_domain if opening else "-", outcome=outcome)
 
 
 class _Run:

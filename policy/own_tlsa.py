@@ -49,7 +49,8 @@ class TlsaSite:
     """One TLSA RRset peers consult when they connect to us, and where it applies.
 
     `status` None: no TLSA lookup applies there (e.g. the SRV target is not securely
-    delegated); peers then use PKIX.  `ttl`: seconds, as the resolver reported it.
+    delegated); peers then use PKIX.  `ttl`: seconds, the zone's TTL for the RRset (its
+    RRSIG's original TTL) where known, else what the resolver reported.
     """
 
     name: str
@@ -199,7 +200,7 @@ class OwnTlsaReport:
                 ttl = max((s.site.ttl for s in self.dane_sites), default=0)
                 out.append(Step("switch", (), None,
                                 f"the next key is published everywhere; switch once it has been published for "
-                                f"2×TTL = {TTL_FACTOR * ttl} s (the TTL reported now; check the zone's own TTL)"))
+                                f"2×TTL = {TTL_FACTOR * ttl} s"))
             retire = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.retire]
             if retire:
                 switch = out[-1]

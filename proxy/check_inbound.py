@@ -83,7 +83,7 @@ class InboundCheck:
         v = self.verdict
         return {
             "domain": self.domain, "direction": "inbound",
-            "result": "accept" if self.accepted else "reject",
+            "result": self.result,
             "policy": {"require": self.policy.require, "source": self.policy.source},
             "chain": [c.subject.rfc4514_string() for c in self.chain],
             "evidence": None if ev is None else {
@@ -133,8 +133,17 @@ class InboundCheck:
             if self.chain and self.category == "dane-mismatch" and ev is not None:
                 lines += mismatch_lines(self.chain, ev.tlsa, indent="  ")
         lines.append("")
-        lines.append(f"RESULT: {'accept' if self.accepted else 'reject'}")
+        lines.append(f"RESULT: {self.result}" + ("" if self.chain else (
+            f" — a peer of {self.domain} presenting what is described above is accepted" if self.accepted
+            else f" — no peer of {self.domain} is accepted, whatever it presents")))
         return "\n".join(lines)
+
+    @property
+    def result(self) -> str:
+        """`accept`/`reject` for a given chain; without one `possible` or `reject`."""
+        if not self.chain and self.accepted:
+            return "possible"
+        return "accept" if self.accepted else "reject"
 
 
 def _describe(resolver: Any, key: str, status: object) -> str:

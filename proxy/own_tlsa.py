@@ -75,8 +75,36 @@ async def find_sites(domain: str, resolver: Resolver) -> list[TlsaSite]:
             # Asked again: the resolver's cache answers, and the Answer carries the TTL.
             answer = await resolver.lookup(name, "TLSA")
             ttl, reason = answer.ttl, answer.reason
+            if t.tlsa_status is DnsStatus.SECURE and answer.rrset:
+                ttl = max(ttl, await zone_ttl(resolver, name) or 0)
         sites[name] = TlsaSite(name, (where,), refs, t.tlsa_status, t.tlsa, ttl, reason)
     return list(sites.values())
+
+
+async def zone_ttl(resolver: Resolver, name: str) -> int | None:
+    """The TTL the zone gives the TLSA RRset at `name`: the RRSIG's Original TTL (RFC 4034
+    §3.1.4).  Every cache counts the TTL down, and the rollover wait (2×TTL, RFC 7671 §8.1)
+    must be counted from the full one, so the remaining TTL a resolver reports is not enough.
+    None if no signature came back (the caller keeps the reported TTL)."""
+    import dns.asyncbackend
+    import dns.asyncquery
+    import dns.exception
+    import dns.message
+    import dns.rdatatype
+
+    query = dns.message.make_query(name, "TLSA", want_dnssec=True)
+    backend = dns.asyncbackend.get_backend("trio")
+    for ns in resolver.nameservers:
+        with trio.move_on_after(resolver.timeout):
+            try:
+                response = await dns.asyncquery.udp(query, ns.host, port=ns.port, backend=backend,
+                                                    ignore_unexpected=True)
+            except (OSError, dns.exception.DNSException):
+                continue
+            ttls = [sig.original_ttl for rrset in response.answer
+                    if rrset.rdtype == dns.rdatatype.RRSIG and rrset.covers == dns.rdatatype.TLSA for sig in rrset]
+            return max(ttls) if ttls else None
+    return None
 
 
 def load_next_key(dom: DomainConfig) -> NextKey | None:
@@ -136,6 +164,13 @@ class OwnTlsaGuard:
         self.resolver = resolver
         self.metrics = metrics
         self.last: dict[str, OwnTlsaReport] = {}
+        self.runs = 0                       # scheduled checks completed (start + daily)
+        self._ran = trio.Event()
+
+    async def wait_runs(self, count: int) -> None:
+        """Return once `count` scheduled checks have completed (for tests and tooling)."""
+        while self.runs < count:
+            await self._ran.wait()
 
     def _record(self, report: OwnTlsaReport, problem: str, when: str, cert_path: str) -> None:
         self.last[report.domain] = report
@@ -168,12 +203,13 @@ class OwnTlsaGuard:
                              f"records beside the current ones and wait at least 2xTTL = {wait} s before "
                              f"switching (RFC 7671 §8.1)")
 
-    async def check_state(self, state: Any, when: str) -> dict[str, OwnTlsaReport]:
-        """Check every domain of a `proxy.reload.RuntimeState`; log and record each."""
-        found: dict[str, tuple[OwnTlsaReport, str]] = {}
+    async def _find(self, state: Any) -> dict[str, tuple[OwnTlsaReport, str, str]]:
+        """name -> (report, next-key problem, cert path) for every domain of a RuntimeState."""
+        found: dict[str, tuple[OwnTlsaReport, str, str]] = {}
 
         async def one(dom: DomainConfig, chain: Sequence) -> None:
-            found[dom.name] = await report_for(dom, chain, self.resolver, trust=state.trust)
+            report, problem = await report_for(dom, chain, self.resolver, trust=state.trust)
+            found[dom.name] = (report, problem, dom.cert)
 
         # All domains at once: a resolver outage then costs one lookup budget, not one per domain.
         async with trio.open_nursery() as nursery:
@@ -181,38 +217,50 @@ class OwnTlsaGuard:
                 material = state.domains.get(dom.name)
                 if material is not None:
                     nursery.start_soon(one, dom, material.chain)
-        out: dict[str, OwnTlsaReport] = {}
-        for dom in state.config.domains:
-            if dom.name in found:
-                report, problem = found[dom.name]
-                self._record(report, problem, when, dom.cert)
-                out[dom.name] = report
-        return out
+        return {d.name: found[d.name] for d in state.config.domains if d.name in found}
+
+    def _record_all(self, found: Mapping[str, tuple[OwnTlsaReport, str, str]], when: str) -> dict[str, OwnTlsaReport]:
+        for report, problem, cert_path in found.values():
+            self._record(report, problem, when, cert_path)
+        return {name: item[0] for name, item in found.items()}
+
+    async def check_state(self, state: Any, when: str) -> dict[str, OwnTlsaReport]:
+        """Check every domain of a `proxy.reload.RuntimeState`; log and record each."""
+        return self._record_all(await self._find(state), when)
 
     async def vet_reload(self, old: Any, new: Any, force: bool) -> list[str]:
-        """The reload veto: problems that refuse `new` (empty: install it).  Every domain is
-        checked and logged; only a domain whose certificate chain changed can refuse."""
+        """The reload veto: problems that refuse `new` (empty: install it).  Only a domain
+        whose certificate chain changed can refuse.  What is logged and exported is always
+        about the chain that is served afterwards: the new one, or (refused) the old one."""
         errors: list[str] = []
-        reports = await self.check_state(new, "reload")
-        for name, report in reports.items():
+        found = await self._find(new)
+        forced: list[tuple[str, OwnTlsaReport]] = []
+        for name, (report, _problem, _path) in found.items():
             before = old.domains.get(name)
             after = new.domains[name]
             if before is not None and before.chain == after.chain:
                 continue
             if report.mismatched:
-                why = (f"{after.cert_path}: own TLSA: the new certificate for {name} is refused: "
-                       f"{report.summary()}; still serving the previous one. Publish the record(s) "
-                       f"`xmpp-dane-proxy tlsa --check {name}` lists, wait 2xTTL, reload again; or force "
-                       f"with SIGUSR2 (systemctl kill -s USR2 --kill-whom=main xmpp-dane-proxy)")
                 if force:
-                    log_event(log, logging.ERROR, "own-tlsa", domain=name, result="forced",
-                              reason=f"reload forced (SIGUSR2): installing a certificate peers doing DANE "
-                                     f"reject: {report.summary()}")
-                else:
-                    errors.append(why)
+                    forced.append((name, report))
+                    continue
+                errors.append(
+                    f"{after.cert_path}: own TLSA: the new certificate for {name} is refused: "
+                    f"{report.summary()}; still serving the previous one. Publish the record(s) "
+                    f"`xmpp-dane-proxy tlsa --check {name}` lists, wait 2xTTL, reload again; or force "
+                    f"with SIGUSR2 (systemctl kill -s USR2 --kill-whom=main xmpp-dane-proxy)")
             elif report.failed:
                 log_event(log, logging.WARNING, "own-tlsa", domain=name, result="unverified",
                           reason=f"new certificate installed without a TLSA check: {report.summary()}")
+        if errors:
+            # The old state stays: report on what is still served (its lookups are cached now).
+            await self.check_state(old, "reload")
+            return errors
+        for name, report in forced:
+            log_event(log, logging.ERROR, "own-tlsa", domain=name, result="forced",
+                      reason=f"reload forced (SIGUSR2): installing a certificate peers doing DANE "
+                             f"reject: {report.summary()}")
+        self._record_all(found, "reload")
         return errors
 
     async def run(self, holder: Any, *, interval: float = CHECK_INTERVAL,
@@ -225,6 +273,9 @@ class OwnTlsaGuard:
                 await self.check_state(holder.state, when)
             except Exception:  # noqa: BLE001 — a bug here must never take the proxy down
                 log.exception("own TLSA check failed")
+            self.runs += 1
+            self._ran.set()
+            self._ran = trio.Event()
             when = "daily"
             await trio.sleep(interval)
 

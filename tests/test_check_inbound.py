@@ -263,3 +263,14 @@ def test_inbound_mismatch_prints_the_leafs_own_values(dns_env, tmp_path, world):
     code = trio.run(lambda: run_check(d, config=config, inbound=True, out=out))
     assert code == 0, out.getvalue()
     assert "A peer must present: a chain matching one of the 1 usable TLSA record(s)" in out.getvalue()
+    assert f"RESULT: possible — a peer of {d} presenting what is described above is accepted" in out.getvalue()
+
+    # require = "dane" and a bogus TLSA RRset: nobody can be accepted, exit 1.
+    bad = dns_env.fresh(dns_env.secure, "iq")
+    with dns_env.batch():
+        dns_env.publish_xmpp(bad, f"xmpp.{bad}", 5269, "127.0.0.1", None)
+        dns_env.publish(None, f"_5269._tcp.xmpp.{bad}", "TLSA", str(record_for(other)), broken_signature=True)
+    out = io.StringIO()
+    code = trio.run(lambda: run_check(bad, config=config, inbound=True, out=out, as_json=True))
+    obj = json.loads(out.getvalue())
+    assert code == 1 and obj["result"] == "reject" and obj["category"] == "dnssec-bogus"

@@ -102,7 +102,7 @@ def test_staged_next_key_unpublished_then_published(dns_env, tmp_path):
     assert code == 0, text                        # what is served matches; the next key is a plan
     add = f"_5269._tcp.xmpp.{domain}. IN TLSA {record_for(nxt.cert)}"
     wait = int(re.search(r"keep both for at least 2×TTL = (\d+) s", text).group(1))
-    assert 0 < wait <= 2 * 300                     # the zone's TTL is 300 s
+    assert wait == 2 * 300        # the zone's TTL (RRSIG original TTL), not what a cache has left of it
     assert f"       {add}" in text
     switch = re.search(r"2\. switch \(safe from (\S+)\)", text).group(1)
     at = _dt.datetime.strptime(switch, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
@@ -208,6 +208,9 @@ def test_reload_refuses_a_certificate_peers_reject_unless_forced(dns_env, tmp_pa
                 assert await served_leaf() == current.cert          # the old certificate is kept
                 text = await scrape(metrics_port)
                 assert re.search(r"^xmpp_dane_proxy_config_last_reload_successful 0", text, re.M)
+                # What is served still matches: the gauge says so, and no mismatch was logged for it.
+                assert metric(text, "xmpp_dane_proxy_own_tlsa_match", domain=domain) == 1
+                assert not any("result=mismatch" in ln for ln in proxy.lines[mark:])
 
                 # Forced: installed, and loudly reported.
                 mark = len(proxy.lines)
@@ -242,3 +245,155 @@ def test_check_config_reports_a_bad_staged_next_key_at_its_line(tmp_path, capsys
     config.write_text(config.read_text().replace(f'next_key = "{wrong_key}"\n', 'next_key = "missing.key"\n'))
     assert cli_main(["check-config", "-c", str(config)]) == 1
     assert f"{config}:8: domain home.example: {tmp_path / 'missing.key'}: cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ pure: policy.own_tlsa
+
+
+def _site(*records, status=DnsStatus.SECURE, name="_5269._tcp.xmpp.x.example", ttl=300):
+    return TlsaSite(name, ("xmpp.x.example:5269 (starttls)",), ("x.example", "xmpp.x.example"), status,
+                    tuple(records), ttl)
+
+
+def test_digest_agility_applies_to_our_own_records_too():
+    """RFC 7671 §9: with 3 1 1 and 3 1 2 published, peers use only 3 1 2.  A 3 1 2 of another
+    key therefore hides our matching 3 1 1: that is a mismatch, and the fix is a 3 1 2."""
+    served, other = self_signed(["x.example"]), self_signed(["x.example"])
+    site = _site(record_for(served.cert), record_for(other.cert, 3, 1, 2))
+    report = assess("x.example", [site], served.chain)
+    assert not report.matches and report.mismatched[0].usable == (record_for(other.cert, 3, 1, 2),)
+    (fix,) = report.steps()
+    assert fix.lines == (f"_5269._tcp.xmpp.x.example. IN TLSA {record_for(served.cert, 3, 1, 2)}",)
+
+
+def test_dane_ta_record_survives_a_renewal_from_the_same_ca():
+    """`2 1 1` on the issuing CA: a next certificate from the same CA needs no new record; the
+    leaf must still name the domain or the SRV target (RFC 7671 §5.2, RFC 7673 §4)."""
+    from pki import TestCA
+
+    ca = TestCA().intermediate("Our CA")
+    served, renewed = ca.issue(dns=["xmpp.x.example"]), ca.issue(dns=["x.example"])
+    site = _site(record_for(ca.cert, 2, 1, 1))
+    report = assess("x.example", [site], served.chain, next_key=NextKey(tuple(renewed.chain), None, "next.pem"))
+    assert report.matches and report.next_published is True
+    assert [s.action for s in report.steps()] == ["switch"]
+    wrong = ca.issue(dns=["elsewhere.example"])
+    assert not assess("x.example", [site], wrong.chain).matches
+
+
+def test_bogus_site_fails_and_insecure_site_is_ignored():
+    served = self_signed(["x.example"])
+    bogus = assess("x.example", [_site(record_for(served.cert), status=DnsStatus.BOGUS)], served.chain)
+    assert not bogus.matches and bogus.failed and "is bogus" in bogus.summary()
+    mixed = assess("x.example", [_site(record_for(served.cert)),
+                                 _site(record_for(self_signed(["x.example"]).cert), status=DnsStatus.INSECURE,
+                                       name="_5269._tcp.x.example")], served.chain)
+    assert mixed.matches and [s.state for s in mixed.sites] == ["match", "insecure"]
+
+
+# ------------------------------------------------------------------------------ property: guard == peer's verdict
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _pool():
+    from pki import TestCA
+
+    ca = TestCA().intermediate("Pool CA")
+    served = ca.issue(dns=["x.example"])
+    other = ca.issue(dns=["x.example"])
+    foreign = TestCA().intermediate("Other CA")
+    records = [record_for(c, u, s, m) for c in (served.cert, other.cert) for u in (2, 3)
+               for s in (0, 1) for m in (1, 2)]
+    records += [record_for(ca.cert, 2, s, m) for s in (0, 1) for m in (1, 2)]
+    records += [record_for(foreign.cert, 2, 1, 1), record_for(served.cert, 3, 1, 0)]
+    from policy.tlsa import parse_tlsa_lenient
+    records += [parse_tlsa_lenient("3 1 1 abcd"), parse_tlsa_lenient("3 1 1 zz")]
+    return served, records
+
+
+_SERVED, _POOL = _pool()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_POOL), max_size=6, unique_by=str))
+def test_guard_agrees_with_the_verdict_a_dane_peer_reaches(records):
+    """For any published RRset, the guard says "match" exactly when a peer that judges us as
+    this proxy judges its peers (require = "dane", every usage enabled) accepts our chain."""
+    from policy.decide import decide
+    from policy.evidence import Evidence
+    from policy.policyfile import Policy
+
+    site = _site(*records)
+    report = assess("x.example", [site], _SERVED.chain)
+    evidence = Evidence("x.example", tlsa=tuple(records), tlsa_status=DnsStatus.SECURE,
+                        delegated_targets=("xmpp.x.example",))
+    verdict = decide(_SERVED.chain, evidence, Policy(require="dane", dane_uses=frozenset({0, 1, 2, 3})), trust=None)
+    if report.dane_sites:
+        assert report.matches == verdict.accepted, (records, verdict.reason)
+    else:
+        assert report.matches and not verdict.accepted and verdict.reason.startswith("require=dane but")
+
+
+def test_a_resolver_outage_never_blocks_a_renewal(dns_env, tmp_path, caplog):
+    """The runner's reload path (StateHolder with the guard as its veto): with the resolver
+    down, a changed certificate is installed, with a warning that it was not checked."""
+    import logging
+
+    from policy.dns import Resolver
+    from proxy.metrics import Metrics
+    from proxy.own_tlsa import OwnTlsaGuard
+    from proxy.reload import StateHolder
+
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    domain = "renewing.example"
+    first, renewed = self_signed([domain]), self_signed([domain])
+    cert, key = first.write(tmp_path, "served")
+    config = _config(tmp_path, dns_env, domain, cert, key)
+    metrics = Metrics(process_metrics=False)
+    holder = StateHolder(config, metrics=metrics)
+    guard = OwnTlsaGuard(Resolver([dns_env.blackhole], timeout=0.5), metrics=metrics)
+    holder.vet = guard.vet_reload
+    renewed.write(tmp_path, "served")
+    result = trio.run(holder.reload_async)
+    assert result.ok and holder.state.domains[domain].leaf == renewed.cert
+    fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
+    assert any(f["result"] == "unverified" and "timeout" in f["reason"] for f in fields), fields
+    assert any(f["result"] == "failed" for f in fields)
+    # A timeout says nothing about what peers see: the gauge is not set from it.
+    assert b"own_tlsa_match{" not in metrics.exposition()[0]
+
+
+def test_scheduled_checks_run_at_start_and_then_every_interval(dns_env, tmp_path, caplog):
+    """The same loop the proxy runs daily, with a short interval: each run re-reads DNS, so a
+    record that disappears is noticed at the next run."""
+    import logging
+
+    from proxy.metrics import Metrics
+    from proxy.own_tlsa import OwnTlsaGuard
+    from proxy.reload import StateHolder
+
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    domain = dns_env.fresh(dns_env.secure, "os")
+    current = self_signed([domain])
+    cert, key = current.write(tmp_path, "served")
+    dns_env.publish_xmpp(domain, None, 5269, "127.0.0.1", current.cert, ttl=1)
+    holder = StateHolder(_config(tmp_path, dns_env, domain, cert, key))
+    metrics = Metrics(process_metrics=False)
+    guard = OwnTlsaGuard(dns_env.resolver(), metrics=metrics)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: guard.run(holder, interval=1.5, task_status=task_status))
+            await guard.wait_runs(1)
+            assert guard.last[domain].matches
+            # The zone now names another key (TTL 1 s: the cached set is gone by the next run).
+            dns_env.publish(None, f"_5269._tcp.{domain}", "TLSA", str(record_for(self_signed([domain]).cert)), ttl=1)
+            await guard.wait_runs(2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
+    assert [(f["when"], f["result"]) for f in fields] == [("start", "match"), ("daily", "mismatch")]
+    assert b'own_tlsa_match{domain="%s"} 0.0' % domain.encode() in metrics.exposition()[0]

@@ -413,8 +413,8 @@ class InboundSession:
         if self.closed or self._backend_parser is None or not data:
             return []
         events = self._backend_parser.feed(data)
-        if (not events and self.state in ("relay", "peer-done") and not data.strip()
-                and self._backend_parser.buffered == 0):
+        if (not events and self.state in ("relay", "peer-done") and self._backend_header_seen
+                and not data.strip() and self._backend_parser.buffered == 0):
             # RFC 6120 §4.6.1: whitespace between elements is the backend's keepalive; pass
             # one space on, so the peer's idle timers see the stream alive.
             self._out.append(SendToPeer(b" "))

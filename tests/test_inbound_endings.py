@@ -111,6 +111,17 @@ def test_whitespace_keepalive_from_the_backend_is_passed_on():
     assert to_peer(s.backend_data(b"/> ")) == b"<message from='r@b.example' to='j@a.example'/>"
 
 
+def test_whitespace_before_the_backend_header_is_not_passed_on():
+    s = InboundSession([LOCAL])
+    s.peer_data(HEADER)
+    s.peer_data(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    s.tls_established(TlsInfo("1.3", "TLSv1.3", None, None, None, ()))
+    s.peer_data(HEADER)
+    s.backend_connected()
+    # (The peer's next bytes must be an XML declaration: no whitespace may come first.)
+    assert s.backend_data(b"\n") == []
+
+
 def test_drain_end_closes_the_backend_stream_as_system_shutdown():
     s = authenticated()
     assert b"system-shutdown" in to_peer(s.shutdown())

@@ -26,7 +26,7 @@ ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368 §3: ALPN protocol id for Direct 
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 _RECEIVE_SIZE = 65536           # bytes read from the transport (and the BIO) at a time
-_SEND_CHUNK = 65536             # plaintext bytes per SSL_write before flushing
+_SEND_CHUNK = 65536             # plaintext bytes per SSL_write
 _CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 
 # Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
@@ -368,16 +368,21 @@ class TlsStream(trio.abc.Stream):
         try:
             self._check_usable()
             await self.do_handshake()
+            # All of `data` is encrypted before the first wait: if this call is cancelled,
+            # what it was given still goes out whole with the next flush (the next send_all
+            # or aclose), never a cut-off stanza followed by something else.  The ciphertext
+            # held is bounded by what one call is given (an element, at most a read's worth).
             view = memoryview(data)
             while view:
-                chunk = view[:_SEND_CHUNK]
                 try:
-                    written = self._conn.send(chunk)
+                    written = self._conn.send(view[:_SEND_CHUNK])
                 except SSL.Error as exc:
                     raise self._fail("TLS write failed", exc) from None
                 view = view[written:]
+                self._collect()
+            if data:
                 await self._flush()
-            if not data:
+            else:
                 await trio.lowlevel.checkpoint()
         finally:
             self._sending = False

@@ -108,13 +108,16 @@ class SiteAssessment:
 @dataclass(frozen=True)
 class Step:
     """One thing for the operator to do: `action` add/remove/switch, the zone-file line(s),
-    and the earliest time it is safe (None: now)."""
+    and the earliest time it is safe (None: now).  `purpose`: `repair` (records the served
+    chain needs now), `next` (records for the staged key), `switch`, `retire` (records only
+    the old key needs, after the switch) or `stale` (records nothing matches)."""
 
     action: str
     lines: tuple[str, ...]
     not_before: _dt.datetime | None
     why: str
     after: str = ""     # an earlier step that must be done first ("switch")
+    purpose: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,35 +184,33 @@ class OwnTlsaReport:
         out: list[Step] = []
         fix = [_zone_line(s.site.name, r) for s in self.sites for r in s.add_for_served]
         if fix:
-            out.append(Step("add", tuple(fix), None,
-                            "the served chain matches no usable record: publish these now (peers doing DANE "
-                            "reject this domain until they see them; caches may hold the old RRset for up "
-                            "to its TTL)"))
+            out.append(Step("add", tuple(fix), None, purpose="repair", why=(
+                "the served chain matches no usable record: publish these now (peers doing DANE "
+                "reject this domain until they see them; caches may hold the old RRset for up to its TTL)")))
         if self.next_key is not None and self.dane_sites:
             adds = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.add_for_next]
             wait = self.wait_seconds
             if adds:
                 switch_at = self.now + _dt.timedelta(seconds=wait)
-                out.append(Step("add", tuple(adds), None,
-                                f"the next key is not published yet; publish beside the current record(s) "
-                                f"and keep both for at least 2×TTL = {wait} s"))
-                out.append(Step("switch", (), switch_at,
-                                f"switch cert/key to the next ones (and reload) no earlier than 2×TTL after "
-                                f"publishing: {_iso(switch_at)} if published now"))
+                out.append(Step("add", tuple(adds), None, purpose="next", why=(
+                    f"the next key is not published yet; publish beside the current record(s) "
+                    f"and keep both for at least 2×TTL = {wait} s")))
+                out.append(Step("switch", (), switch_at, purpose="switch", why=(
+                    f"switch cert/key to the next ones (and reload) no earlier than 2×TTL after "
+                    f"publishing: {_iso(switch_at)} if published now")))
             else:
                 ttl = max((s.site.ttl for s in self.dane_sites), default=0)
-                out.append(Step("switch", (), None,
-                                f"the next key is published everywhere; switch once it has been published for "
-                                f"2×TTL = {TTL_FACTOR * ttl} s"))
+                out.append(Step("switch", (), None, purpose="switch", why=(
+                    f"the next key is published everywhere; switch once it has been published for "
+                    f"2×TTL = {TTL_FACTOR * ttl} s")))
             retire = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.retire]
             if retire:
-                switch = out[-1]
-                out.append(Step("remove", tuple(retire), switch.not_before,
-                                "after the switch: these match only the chain served now", after="switch"))
+                out.append(Step("remove", tuple(retire), out[-1].not_before, purpose="retire", after="switch",
+                                why="after the switch: these match only the chain served now"))
         stale = [_zone_line(s.site.name, r) for s in self.dane_sites for r in s.stale]
         if stale:
-            out.append(Step("remove", tuple(stale), None,
-                            "stale: they match neither the served chain nor the next key"))
+            out.append(Step("remove", tuple(stale), None, purpose="stale",
+                            why="stale: they match neither the served chain nor the next key"))
         return out
 
 

@@ -186,7 +186,8 @@ class CheckResult:
                 lines.append("  no XMPP server-to-server service (SRV target '.')")
             if not ev.targets and ev.domain_tlsa_status is not None:
                 lines.append(f"  TLSA {ev.domain_tlsa_name} [{ev.domain_tlsa_status}]: "
-                             + (", ".join(_short(r) for r in ev.domain_tlsa) or "none"))
+                             + (", ".join(_short(r) for r in ev.domain_tlsa)
+                                or _none(self.resolver, f"TLSA {ev.domain_tlsa_name}")))
         if self.posh is not None:
             lines.append("")
             lines += _render_posh(self.posh, self.policy)
@@ -202,7 +203,7 @@ class CheckResult:
             lines.append(f"REJECTED before any target: {self.domain_verdict.reason}")
         for n, a in enumerate(self.attempts, 1):
             lines.append("")
-            lines += _render_attempt(n, a, self.posh)
+            lines += _render_attempt(n, a, self.posh, self.resolver)
         if self.attempts:
             lines.append("")
             lines.append("Summary")
@@ -320,7 +321,15 @@ def _attempt_obj(a: TargetAttempt) -> dict[str, Any]:
     }
 
 
-def _render_attempt(n: int, a: TargetAttempt, posh: PoshResult | None = None) -> list[str]:
+def _none(resolver: Any, key: str) -> str:
+    """"none", with why when the answer said (NXDOMAIN/NODATA)."""
+    answer = resolver.answers.get(key) if isinstance(resolver, RecordingResolver) else None
+    if answer is not None and (answer.nxdomain or answer.nodata):
+        return f"none ({'NXDOMAIN' if answer.nxdomain else 'NODATA'})"
+    return "none"
+
+
+def _render_attempt(n: int, a: TargetAttempt, posh: PoshResult | None = None, resolver: Any = None) -> list[str]:
     t = a.target
     notes = [f"priority {t.priority} weight {t.weight}"]
     if t.fallback:
@@ -332,12 +341,13 @@ def _render_attempt(n: int, a: TargetAttempt, posh: PoshResult | None = None) ->
     def row(label: str, text: str) -> None:
         out.append(f"  {label:<10} {text}")
 
-    row("addresses", (", ".join(t.addresses) or "none")
+    row("addresses", (", ".join(t.addresses) or _none(resolver, f"A {t.host}"))
         + f" [{t.address_status or '-'}]")
     if t.tlsa_status is None:
         row("TLSA", "not looked up (no secure delegation and no TLSA for the domain)")
     else:
-        row("TLSA", f"{t.tlsa_name} [{t.tlsa_status}]: " + (", ".join(_short(r) for r in t.tlsa) or "none"))
+        row("TLSA", f"{t.tlsa_name} [{t.tlsa_status}]: "
+            + (", ".join(_short(r) for r in t.tlsa) or _none(resolver, f"TLSA {t.tlsa_name}")))
     if a.address:
         how = "Direct TLS" if t.direct_tls else (
             "STARTTLS" + ("" if a.starttls_offered is None else

@@ -185,8 +185,7 @@ class OwnTlsaGuard:
             else logging.ERROR
         fields: dict[str, Any] = {"domain": report.domain, "result": state, "when": when, "cert": cert_path,
                                   "reason": report.summary()}
-        fix = [line for step in report.steps() if step.action == "add" and step.not_before is None
-               and "served chain" in step.why for line in step.lines]
+        fix = [line for step in report.steps() if step.purpose == "repair" for line in step.lines]
         if fix:
             fields["publish"] = " | ".join(fix)
         log_event(log, level, "own-tlsa", **fields)
@@ -350,7 +349,7 @@ def _report_obj(report: OwnTlsaReport, problem: str) -> dict[str, Any]:
                    "served_match": str(s.served) if s.served else None,
                    "next_match": str(s.next) if s.next else None} for s in report.sites],
         "steps": [{"action": st.action, "records": list(st.lines), "not_before": _iso(st.not_before),
-                   "after": st.after or None, "why": st.why} for st in report.steps()],
+                   "after": st.after or None, "purpose": st.purpose, "why": st.why} for st in report.steps()],
     }
 
 

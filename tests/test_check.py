@@ -115,7 +115,7 @@ def test_insecure_zone_uses_pkix_with_the_configured_ca(dns_env, tmp_path):
         dict(domain=domain, nameserver=dns_env.resolver_address))
     assert code == 0, text
     assert re.search(rf"SRV _xmpp-server._tcp.{re.escape(domain)} +insecure", text)
-    assert f"TLSA       _5269._tcp.{domain} [insecure]: none" in text
+    assert f"TLSA       _5269._tcp.{domain} [insecure]: none (NXDOMAIN)" in text
     assert "verdict    ACCEPT (pkix)" in text and "client    home.example" in text
     # Our client certificate (the configured domain's) was presented.
     assert LOCAL in str(peer.connections[0].client_chain[0].subject)

@@ -221,7 +221,8 @@ def test_reload_refuses_a_certificate_peers_reject_unless_forced(dns_env, tmp_pa
                 text = await scrape(metrics_port)
                 assert metric(text, "xmpp_dane_proxy_own_tlsa_match", domain=domain) == 0
                 assert re.search(r"^xmpp_dane_proxy_config_last_reload_successful 1", text, re.M)
-                assert any("level=error" in ln and "result=mismatch" in ln for ln in proxy.lines[mark:])
+                (loud,) = [ln for ln in proxy.lines[mark:] if "result=mismatch" in ln]
+                assert "level=error" in loud and f"_5269._tcp.xmpp.{domain}. IN TLSA {record_for(renewed.cert)}" in loud
 
             finally:
                 proxy.signal(signal.SIGTERM)

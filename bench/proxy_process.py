@@ -5,7 +5,8 @@
 This is what `xmpp-dane-proxy run -c CONFIG.toml` does for the inbound side (load the config,
 set up logging as configured, serve), written out here because the benchmark needs the bound
 port (the config listens on port 0) and an optional profiler around the whole process.  Prints
-`LISTENING <host> <port>` on stdout once the listener is bound; stops on SIGTERM/SIGINT or when
+`FRAMER c|python` (which XML framer runs) and `LISTENING <host> <port>` on stdout once the
+listener is bound; stops on SIGTERM/SIGINT or when
 stdin reaches EOF (so it never outlives the benchmark that started it).  With `--profile`, the
 process runs under cProfile (or pyinstrument, if installed) and writes the report to OUT on
 the way out.  Prometheus
@@ -42,6 +43,9 @@ async def run(config_path: str, with_metrics: bool) -> None:
         kwargs["metrics"] = Metrics()
     async with trio.open_nursery() as nursery:
         listening: Listening = await nursery.start(functools.partial(serve, config, **kwargs))
+        from proxy.xmlstream import FRAMER
+
+        print(f"FRAMER {FRAMER}", flush=True)   # c or python (XMPP_DANE_PROXY_FRAMER)
         print(f"METRICS {'on' if kwargs else 'off'}", flush=True)
         host, port = listening.inbound[0]
         print(f"LISTENING {host} {port}", flush=True)

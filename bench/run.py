@@ -507,6 +507,10 @@ def machine_facts() -> dict:
     }
 
 
+FRAMER_NOTES = {"c": "proxy/_xmlframe.c over the system libexpat",
+                "python": "proxy/xmlstream.py over pyexpat; XMPP_DANE_PROXY_FRAMER=python or no C build"}
+
+
 def render(report: Report, settings: Settings, facts: dict, profiled: bool) -> str:
     lines = []
     lines.append("xmpp-dane-proxy inbound vs stunnel4 — same certificates, client, bytes and sink; "
@@ -520,6 +524,7 @@ def render(report: Report, settings: Settings, facts: dict, profiled: bool) -> s
         lines.append("negotiated: " + ", ".join(f"{k} {v['version']} {v['cipher']}" for k, v in tls.items()))
     lines.append(f"settings: {settings}; proxy metrics counters {facts.get('proxy_metrics_counters', '?')}; "
                  f"peer evidence from {facts.get('evidence', '?')}")
+    lines.append(f"proxy XML framer: {facts.get('framer', '?')} ({FRAMER_NOTES.get(facts.get('framer'), '?')})")
     noise = [facts.get("background_busy_before"), facts.get("background_busy_after")]
     noise = [n for n in noise if n]
     if noise:
@@ -590,6 +595,8 @@ def parse_args(argv=None):
                         "unbound, then the proxy's DNS cache) or 'static' (the policy file's tlsa/srv)")
     p.add_argument("--no-metrics", action="store_true",
                    help="run the proxy without its Prometheus counters (default: counters on, as in production)")
+    p.add_argument("--framer", choices=("c", "python"),
+                   help="the proxy's XML framer (sets XMPP_DANE_PROXY_FRAMER for it; default: C when built)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     p.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
     args = p.parse_args(argv)
@@ -616,6 +623,8 @@ def main(argv=None) -> int:
         # sink, nsd, unbound) lives on the other core.
         os.sched_setaffinity(0, {LOAD_CORE})
     scenarios = args.only.split(",")
+    if args.framer:
+        os.environ["XMPP_DANE_PROXY_FRAMER"] = args.framer   # inherited by the proxy process
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     results_dir = HERE / "results"
     workdir = Path(tempfile.mkdtemp(prefix="xdp-bench-"))
@@ -652,6 +661,7 @@ def main(argv=None) -> int:
             proxy_argv += ["--no-metrics"]
         proxy = Proc("proxy", proxy_argv, core=SERVER_CORE, log=workdir / "proxy.log")
         stack.callback(proxy.stop)
+        facts["framer"] = proxy.read_line("FRAMER").split()[1]
         facts["proxy_metrics_counters"] = proxy.read_line("METRICS").split()[1]
         _, host, port = proxy.read_line("LISTENING").split()
 

@@ -849,13 +849,30 @@ class InboundSession:
     def _take(self) -> list[Action]:
         """The collected actions, with adjacent sends to the same side merged.  Only inputs
         call this; the handlers they call just append to `_out`."""
+        actions, self._out = self._out, []
+        if len(actions) < 2:
+            return actions
+        # One join per run of sends to the same side (not `a + b` per stanza, which re-copies
+        # the run so far for every stanza of a read: quadratic in stanzas per read).
         out: list[Action] = []
-        for action in self._out:
-            if out and type(action) is type(out[-1]) and isinstance(action, (SendToPeer, SendToBackend)):
-                out[-1] = type(action)(out[-1].data + action.data)
+        run: list[bytes] = []
+        kind: type | None = None
+        for action in actions:
+            cls = type(action)
+            if cls is kind:
+                run.append(action.data)
+                continue
+            if run:
+                out.append(kind(run[0] if len(run) == 1 else b"".join(run)))
+                run = []
+            if cls is SendToPeer or cls is SendToBackend:
+                kind = cls
+                run.append(action.data)
             else:
+                kind = None
                 out.append(action)
-        self._out = []
+        if run:
+            out.append(kind(run[0] if len(run) == 1 else b"".join(run)))
         return out
 
 

@@ -174,15 +174,16 @@ class OwnTlsaGuard:
 
     def _record(self, report: OwnTlsaReport, problem: str, when: str, cert_path: str) -> None:
         self.last[report.domain] = report
-        # A timeout is our resolver's problem, not what peers see: it leaves the gauge as it
-        # was.  A bogus answer is what every validating peer sees too: peers fail closed (0).
-        timed_out = any(s.site.status is DnsStatus.TIMEOUT for s in report.failed)
-        if self.metrics is not None and hasattr(self.metrics, "own_tlsa") and not (timed_out and not report.mismatched):
+        # A timeout (or any failure other than bogus) is our resolver's problem, not what peers
+        # see: it leaves the gauge as it was.  A bogus answer is what every validating peer sees
+        # too: peers fail closed (0).
+        bogus = any(s.site.status is DnsStatus.BOGUS for s in report.failed)
+        ours = bool(report.failed) and not bogus and not report.mismatched
+        if self.metrics is not None and hasattr(self.metrics, "own_tlsa") and not ours:
             self.metrics.own_tlsa(report.domain, report.matches)
         state = "match" if report.matches and report.dane_sites else (
             "mismatch" if report.mismatched else "failed" if report.failed else "no-tlsa")
-        level = logging.INFO if report.matches else logging.WARNING if state == "failed" and timed_out \
-            else logging.ERROR
+        level = logging.INFO if report.matches else logging.WARNING if ours else logging.ERROR
         fields: dict[str, Any] = {"domain": report.domain, "result": state, "when": when, "cert": cert_path,
                                   "reason": report.summary()}
         fix = [line for step in report.steps() if step.purpose == "repair" for line in step.lines]

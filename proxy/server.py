@@ -22,7 +22,7 @@ from proxy.logsetup import format_peer, log_event
 from proxy.inbound import InboundConnection, InboundSettings
 from proxy.keepalive import enable_keepalive
 from proxy.tls import ServerCertificates
-from proxy.xmlstream import stream_error, stream_header
+from proxy.xmlstream import FRAMER, stream_error, stream_header
 
 log = logging.getLogger("xmpp_dane_proxy.server")
 
@@ -195,7 +195,8 @@ class ProxyServer:
                 for listener in websocket:
                     nursery.start_soon(self._accept_loop, listener, self._handle_websocket, nursery)
                 for host, port in _bound(inbound):
-                    _log(logging.INFO, "listening", direction="inbound", address=format_peer((host, port)))
+                    _log(logging.INFO, "listening", direction="inbound", address=format_peer((host, port)),
+                         framer=FRAMER)
                 for host, port in _bound(websocket):
                     _log(logging.INFO, "listening", direction="inbound", transport="websocket",
                          address=format_peer((host, port)))

@@ -18,6 +18,7 @@ are still arriving, so a peer cannot make the proxy buffer without bound.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ NS_XML = "http://www.w3.org/XML/1998/namespace"
 # Prosody's s2s default (s2s_stanza_size_limit) is 512 KiB, so nothing legitimate between
 # Prosody servers is near it, while a peer still cannot make us hold megabytes per stream.
 DEFAULT_MAX_STANZA_BYTES = 262144
+# The stream header, counted from the parser's first byte (XML declaration and whitespace
+# included) to the header's closing '>', may be at most this long (DESIGN §3.1: "the stream
+# header is bounded").  A real header is a few hundred bytes: seven or eight attributes, of
+# which `to` and `from` are domains of at most 1023 octets each (RFC 7622 §3.2), so even the
+# longest legal one stays under 4 KiB; 8 KiB leaves room and stops a peer from making us hold
+# (and, before the header, re-scan) stanza-sized data before we know whom it wants.
+# The exact rule, for every framer behind this API: if the header's start tag ends at byte
+# offset E (exclusive, counted from the first byte fed to this parser) and E > the bound, or
+# more than the bound bytes were fed without the header's start tag being complete, the
+# parser reports XmlError("policy-violation", ...) and nothing else.  The bound is
+# min(max_header_bytes, max_stanza_bytes).
+MAX_HEADER_BYTES = 8192
 
 # Children kept in Element.children: first-level element (depth 0 here) plus two levels.
 # Enough for <stream:features><starttls><required/>, <stream:error><cond/>, and
@@ -50,6 +63,10 @@ _FLAT_STANZAS = frozenset({"message", "presence", "iq"})
 # §3.1 allows a literal '>' there).  Only applied to tags expat already accepted as
 # well-formed; the possessive quantifier rules out backtracking.
 _START_TAG = re.compile(rb"""<[^\s/>]+(?:[^>"']|"[^"]*"|'[^']*')*+>""")
+# Inside a start tag outside quotes: the bytes that change the scan's state.
+_TAG_STOP = re.compile(rb"""['">]""")
+# Ends an entity or character reference's name ('&amp;', '&#38;'), or makes it malformed.
+_REFERENCE_STOP = re.compile(rb"[^A-Za-z0-9._:#\-\x80-\xff]")
 
 # Characters not allowed in XML 1.0 (§2.2); removed from text we generate, because reasons
 # can quote data that came from a peer.
@@ -200,7 +217,7 @@ def _attrs(raw: dict[str, str]) -> dict[str, str]:
     return out
 
 
-class XmlStreamParser:
+class PyXmlStreamParser:
     """Frames one XML stream.  Create a fresh one for each stream restart (RFC 6120 §4.3.3).
 
     `stop_after(element)` returning true makes the parser stop right after that element:
@@ -214,8 +231,10 @@ class XmlStreamParser:
         *,
         max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
         stop_after: Callable[[Element], bool] | None = None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.max_stanza_bytes = max_stanza_bytes
+        self.max_header_bytes = min(max_header_bytes, max_stanza_bytes)
         self._stop_after = stop_after
         # RFC 6120 §11.6: XMPP is UTF-8 only; forcing it also keeps byte offsets meaningful.
         p = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
@@ -235,13 +254,12 @@ class XmlStreamParser:
         p.StartNamespaceDeclHandler = self._ns_decl
         p.XmlDeclHandler = self._xml_decl
         # RFC 6120 §11.1: none of these may appear in an XML stream.
-        p.CommentHandler = lambda _data: self._restricted("an XML comment")
-        p.ProcessingInstructionHandler = lambda target, _data: self._restricted(
-            f"a processing instruction <?{target} ...?>")
-        p.StartDoctypeDeclHandler = lambda name, *_: self._restricted(f"a DTD (<!DOCTYPE {name}>)")
-        p.EntityDeclHandler = lambda name, *_: self._restricted(f"an entity declaration ({name})")
-        p.SkippedEntityHandler = lambda name, _is_pe: self._restricted(f"an entity reference &{name};")
-        p.ExternalEntityRefHandler = lambda *_: self._restricted("an external entity reference")
+        p.CommentHandler = lambda _data: self._restricted("comment")
+        p.ProcessingInstructionHandler = lambda target, _data: self._restricted("pi", target)
+        p.StartDoctypeDeclHandler = lambda name, *_: self._restricted("doctype", name)
+        p.EntityDeclHandler = lambda name, *_: self._restricted("entity-decl", name)
+        p.SkippedEntityHandler = lambda name, _is_pe: self._restricted("skipped-entity", name)
+        p.ExternalEntityRefHandler = lambda *_: self._restricted("external-entity")
         self._p = p
         self._buf = bytearray()
         self._base = 0          # absolute stream offset of _buf[0]
@@ -254,6 +272,12 @@ class XmlStreamParser:
         self._events: list[Event] = []
         self._state = "open"    # open | stopped | closed | failed
         self.trailing = b""
+        # Slow input, linear cost (see `_may_complete`): how far expat has been fed, where
+        # its unfinished token starts (== _fed when there is none), and the quote-aware scan
+        # of an unfinished start tag (token start, scanned up to, open quote or 0).
+        self._fed = 0
+        self._tok = 0
+        self._scan = (-1, 0, 0)
 
     # ---------------------------------------------------------------- public API
 
@@ -270,12 +294,21 @@ class XmlStreamParser:
         if self._state != "open" or not data:
             return []
         self._buf += data
-        try:
-            self._p.Parse(data, False)
-        except _Halt:
-            pass
-        except expat.ExpatError as exc:
-            self._fail(*self._classify(exc))
+        if self._tok >= self._fed or self._may_complete():
+            chunk = bytes(self._buf[self._fed - self._base:]) if self._tok < self._fed else data
+            self._fed = self._base + len(self._buf)
+            try:
+                self._p.Parse(chunk, False)
+            except _Halt:
+                pass
+            except expat.ExpatError as exc:
+                self._fail(*self._classify(exc))
+            # After Parse returns, expat's current index is the start of the token it could
+            # not finish (the end of the input if there is none): it re-scans that token
+            # from its start on the next Parse.
+            if self._state == "open":
+                index = self._p.CurrentByteIndex
+                self._tok = index if index >= 0 else self._fed
         if self._state == "open":
             self._compact_and_check()
         events, self._events = self._events, []
@@ -286,6 +319,69 @@ class XmlStreamParser:
         """Bytes held for an element (or header) that is not complete yet."""
         return len(self._buf)
 
+    # ---------------------------------------------------------------- slow input
+
+    def _may_complete(self) -> bool:
+        """Whether the bytes fed since expat last stopped inside a token could finish it.
+
+        expat re-tokenises an unfinished token from its start on every Parse call (its own
+        remedy, reparse deferral since 2.6, is off: it can hold back a complete stream header
+        in an interactive protocol).  A peer dripping a 256 KiB attribute value a few bytes
+        at a time would cost a re-scan of the whole value per read: quadratic CPU.  So bytes
+        are held back from expat until they contain what ends the token expat stopped in:
+        a '>' outside quotes for a start tag, '>' for an end tag, '-->' for a comment, '?>'
+        for a processing instruction or XML declaration, a non-name byte for a reference.
+        Each byte is looked at a bounded number of times, so any input costs linear CPU.
+        Other unfinished tokens (a split UTF-8 character, a '\r', ']' in text, a DTD's
+        pieces before the header) are a few bytes long, or bounded by the header limit.
+        The same rule must hold for any framer behind this API."""
+        base, buf = self._base, self._buf
+        tok, new = self._tok - base, self._fed - base
+        head = bytes(buf[tok:tok + 4])
+        if head[:1] == b"&":
+            return _REFERENCE_STOP.search(buf, new) is not None
+        if head[:1] != b"<" or len(head) < 2:
+            return True
+        if head[1:2] == b"/":
+            return buf.find(b">", new) >= 0
+        if head[1:2] == b"?":
+            return buf.find(b"?>", max(tok + 2, new - 1)) >= 0
+        if head[1:2] == b"!":
+            if head == b"<!--":
+                return buf.find(b"-->", max(tok + 4, new - 2)) >= 0
+            return True   # '<!-' so far, CDATA opener, or a DTD (restricted, and pre-header)
+        return self._tag_may_end(tok)
+
+    def _tag_may_end(self, tok: int) -> bool:
+        """A '>' outside quoted attribute values after the start tag at `tok` (relative to
+        _buf)?  The scan resumes where the previous call stopped."""
+        base, buf = self._base, self._buf
+        start, at, quote = self._scan
+        if start != tok + base:
+            at, quote = tok + base + 1, 0
+        i, n = at - base, len(buf)
+        found = False
+        while i < n:
+            if quote:
+                j = buf.find(quote, i)
+                if j < 0:
+                    i = n
+                    break
+                quote, i = 0, j + 1
+            else:
+                m = _TAG_STOP.search(buf, i)
+                if m is None:
+                    i = n
+                    break
+                c = buf[m.start()]
+                i = m.start() + 1
+                if c == 0x3E:   # '>'
+                    found = True
+                    break
+                quote = c
+        self._scan = (tok + base, i + base, quote)
+        return found
+
     # ---------------------------------------------------------------- expat handlers
 
     def _ns_decl(self, prefix: str | None, uri: str) -> None:
@@ -294,7 +390,7 @@ class XmlStreamParser:
     def _xml_decl(self, version: str | None, encoding: str | None, standalone: int) -> None:
         if encoding is not None and encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
             # RFC 6120 §11.6 / §4.9.3.22
-            self._fail("unsupported-encoding", f"the XML declaration names encoding {encoding!r}; XMPP is UTF-8 only")
+            self._fail(*_error_text("encoding", encoding))
             raise _Halt
 
     def _start(self, qname: str, attrs: dict[str, str]) -> None:
@@ -361,18 +457,21 @@ class XmlStreamParser:
         namespaces, self._pending_ns = dict(self._pending_ns), {}
         # RFC 6120 §4.8.1: the root element is <stream> in the stream namespace.
         if name != "stream":
-            self._fail("bad-format", f"the stream must start with <stream:stream>, not <{name}>")
+            self._fail(*_error_text("header-name", name))
             raise _Halt
         if ns != NS_STREAMS:
-            self._fail("invalid-namespace", f"the stream element's namespace is {ns or 'empty'!r}, not {NS_STREAMS!r}")
+            self._fail(*_error_text("header-ns", ns))
             raise _Halt
         start = self._p.CurrentByteIndex
         end = self._tag_end(start)
+        if end > self.max_header_bytes:
+            self._header_too_big(end)
+            raise _Halt
         self._consumed = end
         self._events.append(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
 
-    def _restricted(self, what: str) -> None:
-        self._fail("restricted-xml", f"{what} is not allowed in an XMPP stream (RFC 6120 §11.1)")
+    def _restricted(self, *what: str) -> None:
+        self._fail(*_error_text(*what))
         raise _Halt
 
     # ---------------------------------------------------------------- framing helpers
@@ -405,6 +504,7 @@ class XmlStreamParser:
             # everything up to the next '<' can go, so idle pings never accumulate.
             lt = self._buf.find(b"<", max(0, self._consumed - self._base))
             keep = self._base + len(self._buf) if lt < 0 else self._base + lt
+            keep = min(keep, self._tok)   # never bytes expat has not finished with
             self._consumed = keep
         else:
             keep = self._base  # header not complete yet
@@ -413,20 +513,20 @@ class XmlStreamParser:
             del self._buf[:drop]
             self._base = keep
         pending = len(self._buf)
-        if pending > self.max_stanza_bytes:
-            if self._depth == 0:
-                self._fail("policy-violation", f"stream header larger than {self.max_stanza_bytes} bytes")
-            else:
-                self._too_big(pending, incomplete=True)
+        if self._depth == 0:
+            if self._base + pending > self.max_header_bytes:
+                self._header_too_big(self._base + pending, incomplete=True)
+        elif pending > self.max_stanza_bytes:
+            self._too_big(pending, incomplete=True)
+
+    def _header_too_big(self, size: int, incomplete: bool = False) -> None:
+        self._fail(*_error_text("header-too-big", size, self.max_header_bytes, incomplete))
 
     def _too_big(self, size: int, incomplete: bool = False) -> None:
-        # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
-        more = "more than " if incomplete else ""
-        self._fail("policy-violation", f"element of {more}{size} bytes exceeds the limit of {self.max_stanza_bytes} bytes")
+        self._fail(*_error_text("too-big", size, self.max_stanza_bytes, incomplete))
 
     def _classify(self, exc: expat.ExpatError) -> tuple[str, str]:
-        where = f"at byte {self._p.ErrorByteIndex} (line {exc.lineno}, column {exc.offset})"
-        return classify_expat_error(exc, where)
+        return _error_text("expat", exc.code, self._p.ErrorByteIndex, exc.lineno, exc.offset)
 
     def _fail(self, condition: str, text: str) -> None:
         if self._state in ("failed", "closed"):
@@ -436,17 +536,99 @@ class XmlStreamParser:
         self._buf = bytearray()
 
 
+def _error_text(kind: str, *args) -> tuple[str, str]:
+    """The stream error condition and text for a framing failure of `kind`; both framers
+    word their errors through here, so they agree on them too."""
+    if kind == "expat":
+        code, index, line, column = args
+        return _condition_of_expat(code, f"at byte {index} (line {line}, column {column})")
+    if kind == "too-big":
+        # DESIGN §3.3: a stanza over limits.max_stanza_bytes is a policy-violation.
+        size, limit, incomplete = args
+        more = "more than " if incomplete else ""
+        return "policy-violation", f"element of {more}{size} bytes exceeds the limit of {limit} bytes"
+    if kind == "header-too-big":
+        size, limit, incomplete = args
+        more = "more than " if incomplete else ""
+        return "policy-violation", f"stream header of {more}{size} bytes exceeds the limit of {limit} bytes"
+    if kind == "encoding":
+        return "unsupported-encoding", f"the XML declaration names encoding {args[0]!r}; XMPP is UTF-8 only"
+    if kind == "header-name":
+        return "bad-format", f"the stream must start with <stream:stream>, not <{args[0]}>"
+    if kind == "header-ns":
+        return "invalid-namespace", f"the stream element's namespace is {args[0] or 'empty'!r}, not {NS_STREAMS!r}"
+    what = {
+        "comment": "an XML comment",
+        "pi": "a processing instruction <?{} ...?>",
+        "doctype": "a DTD (<!DOCTYPE {}>)",
+        "entity-decl": "an entity declaration ({})",
+        "skipped-entity": "an entity reference &{};",
+        "external-entity": "an external entity reference",
+    }[kind].format(*args)
+    return "restricted-xml", f"{what} is not allowed in an XMPP stream (RFC 6120 §11.1)"
+
+
+# -------------------------------------------------------------------- the framer in C
+
+def _c_error(kind: str, *args) -> XmlError:
+    return XmlError(*_error_text(kind, *args))
+
+
+try:
+    from proxy import _xmlframe
+except ImportError:   # built without a compiler: the Python framer does the work
+    _xmlframe = None
+else:
+    _xmlframe.configure(Node, Element, StreamOpened, StreamClosed, _c_error)
+
+    class CXmlStreamParser(_xmlframe.Framer):
+        """`PyXmlStreamParser` with its expat handlers in C (proxy/_xmlframe.c): the same
+        events for the same bytes, one Python object per first-level element."""
+
+        __slots__ = ()
+
+        def __init__(self, *, max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+                     stop_after: Callable[[Element], bool] | None = None,
+                     max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+            super().__init__(max_stanza_bytes, stop_after, max_header_bytes)
+
+FRAMER_ENV = "XMPP_DANE_PROXY_FRAMER"
+
+
+def _choose_framer() -> str:
+    wanted = os.environ.get(FRAMER_ENV, "").strip().lower()
+    if wanted not in ("", "c", "python"):
+        raise ImportError(f"{FRAMER_ENV}={wanted!r}: use 'c' or 'python'")
+    if wanted == "c" and _xmlframe is None:
+        raise ImportError(f"{FRAMER_ENV}=c, but the C framer (proxy._xmlframe) is not built")
+    # The C framer by default: same events, a fraction of the CPU per stanza (bench/).
+    return "python" if wanted == "python" or _xmlframe is None else "c"
+
+
+#: Which framer `XmlStreamParser` is: "c" or "python" (for logs and bench/).
+FRAMER = _choose_framer()
+XmlStreamParser: type = CXmlStreamParser if FRAMER == "c" else PyXmlStreamParser
+if _xmlframe is None:
+    CXmlStreamParser = None  # type: ignore[assignment,misc]
+
+
+
 # -------------------------------------------------------------------- building output
 
 def classify_expat_error(exc: expat.ExpatError, where: str, *, prefix_hint: str = "",
                          malformed_hint: str = "") -> tuple[str, str]:
     """The RFC 6120 §4.9.3 stream error condition and text for an expat error at `where`."""
-    message = expat.ErrorString(exc.code)
-    if exc.code in _RESTRICTED_CODES:
+    return _condition_of_expat(exc.code, where, prefix_hint=prefix_hint, malformed_hint=malformed_hint)
+
+
+def _condition_of_expat(code: int, where: str, *, prefix_hint: str = "",
+                        malformed_hint: str = "") -> tuple[str, str]:
+    message = expat.ErrorString(code)
+    if code in _RESTRICTED_CODES:
         return "restricted-xml", f"{message} {where}: only the five predefined entities may be referenced (RFC 6120 §11.1)"
-    if exc.code == _UNBOUND_PREFIX:
+    if code == _UNBOUND_PREFIX:
         return "bad-namespace-prefix", f"{message} {where}{prefix_hint}"
-    if exc.code in _ENCODING_CODES:
+    if code in _ENCODING_CODES:
         return "unsupported-encoding", f"{message} {where}: XMPP is UTF-8 only"
     return "not-well-formed", f"{message} {where}{malformed_hint}"
 
@@ -503,8 +685,9 @@ def stream_error(condition: str, text: str, *, close: bool = True) -> bytes:
 
 
 __all__ = [
-    "DEFAULT_MAX_STANZA_BYTES", "Element", "Event", "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES",
-    "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS", "NS_TLS", "NS_XML",
+    "CXmlStreamParser", "DEFAULT_MAX_STANZA_BYTES", "Element", "FRAMER", "FRAMER_ENV", "MAX_HEADER_BYTES", "Event",
+    "Node", "NS_DIALBACK", "NS_DIALBACK_FEATURES", "NS_SERVER", "NS_STANZA_ERRORS", "NS_STREAM_ERRORS", "NS_STREAMS",
+    "NS_TLS", "NS_XML", "PyXmlStreamParser",
     "STREAM_CLOSE", "StreamClosed", "StreamOpened", "XmlError", "XmlStreamParser",
     "stream_error", "stream_header", "xml_attr", "xml_text",
 ]

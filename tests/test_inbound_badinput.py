@@ -573,6 +573,26 @@ def test_session_reasons_quoting_peer_data_are_clipped():
     assert close.condition == "invalid-from" and len(close.reason) <= 601
 
 
+def test_session_one_read_of_many_stanzas_is_one_send_up_to_the_first_refused():
+    s = session()
+    up(s)
+    s.peer_data(db_result())
+    s.verdict(PEER, LOCAL, True, "ok")
+    s.backend_data(b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                   b"xmlns:db='jabber:server:dialback' id='x'>"
+                   b"<db:result from='b.example' to='a.example' type='valid'/>")
+    stanzas = [MESSAGE.replace(b"hi", b"hi %d" % i) for i in range(3000)]
+    # Whitespace between stanzas is not relayed; every stanza is, in order, in one send.
+    assert s.peer_data(b"\n".join(stanzas)) == [SendToBackend(b"".join(stanzas))]
+    # A stanza for a pair nobody authenticated stops the relay exactly there: what came
+    # before it in the same read goes to the backend, nothing after it does.
+    bad = b"<message from='x@evil.example' to='romeo@b.example'/>"
+    actions = s.peer_data(b"".join(stanzas[:10]) + bad + b"".join(stanzas[10:20]))
+    assert actions[0] == SendToBackend(b"".join(stanzas[:10]) + b"</stream:stream>")
+    assert b"invalid-from" in actions[1].data and actions[2].condition == "invalid-from"
+    assert len(actions) == 3
+
+
 @pytest.mark.parametrize("jid,domain", [
     ("user@Example.ORG/res@with/slash", "example.org"), ("example.org", "example.org"),
     ("example.org/res", "example.org"), ("a@b@c", "b@c"), ("bücher.example", "xn--bcher-kva.example"),

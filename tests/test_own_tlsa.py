@@ -398,3 +398,27 @@ def test_scheduled_checks_run_at_start_and_then_every_interval(dns_env, tmp_path
     fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
     assert [(f["when"], f["result"]) for f in fields] == [("start", "match"), ("daily", "mismatch")]
     assert b'own_tlsa_match{domain="%s"} 0.0' % domain.encode() in metrics.exposition()[0]
+
+
+def test_bogus_own_tlsa_is_an_error_and_sets_the_gauge_to_0(dns_env, tmp_path, caplog):
+    """Unlike a timeout of our resolver, a bogus RRset is what every validating peer sees."""
+    import logging
+
+    from proxy.metrics import Metrics
+    from proxy.own_tlsa import OwnTlsaGuard
+    from proxy.reload import StateHolder
+
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    domain = dns_env.fresh(dns_env.secure, "og")
+    current = self_signed([domain])
+    cert, key = current.write(tmp_path, "served")
+    with dns_env.batch():
+        dns_env.publish_xmpp(domain, f"xmpp.{domain}", 5269, "127.0.0.1", None)
+        dns_env.publish(None, f"_5269._tcp.xmpp.{domain}", "TLSA", str(record_for(current.cert)), broken_signature=True)
+    holder = StateHolder(_config(tmp_path, dns_env, domain, cert, key))
+    metrics = Metrics(process_metrics=False)
+    guard = OwnTlsaGuard(dns_env.resolver(), metrics=metrics)
+    trio.run(guard.check_state, holder.state, "start")
+    (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "own-tlsa"]
+    assert record.levelno == logging.ERROR and record.fields["result"] == "failed" and "bogus" in record.fields["reason"]
+    assert b'own_tlsa_match{domain="%s"} 0.0' % domain.encode() in metrics.exposition()[0]

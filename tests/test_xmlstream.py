@@ -7,10 +7,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy import xmlstream
 from proxy.xmlstream import (
     NS_DIALBACK, NS_DIALBACK_FEATURES, NS_SERVER, NS_STREAM_ERRORS, NS_STREAMS, NS_TLS,
     Element, StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
 )
+
+
+@pytest.fixture(autouse=True, scope="module", params=["python", "c"])
+def framer(request):
+    """Every test here runs on both framers (tests/test_xmlstream_differential.py compares them)."""
+    global XmlStreamParser
+    cls = xmlstream.PyXmlStreamParser if request.param == "python" else xmlstream.CXmlStreamParser
+    if cls is None:
+        pytest.skip("the C framer is not built")
+    saved, XmlStreamParser = XmlStreamParser, cls
+    yield request.param
+    XmlStreamParser = saved
 
 HEADER = (
     b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "

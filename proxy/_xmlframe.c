@@ -184,8 +184,16 @@ static PyObject *attr_dict(const XML_Char **atts)
     return d;
 }
 
+/* Bytes [start, end) of the stream, which must still be buffered.  The framing arithmetic
+ * guarantees that; if it ever did not, this fails closed (an exception out of feed) rather
+ * than read outside the buffer. */
 static PyObject *buf_slice(Framer *self, long long start, long long end)
 {
+    if (start < self->base || end < start || end > self->base + self->len) {
+        PyErr_Format(PyExc_RuntimeError, "xml framer: bytes %lld..%lld are not buffered (%lld..%lld)",
+                     start, end, self->base, self->base + (long long)self->len);
+        return NULL;
+    }
     return PyBytes_FromStringAndSize(self->buf + (start - self->base), (Py_ssize_t)(end - start));
 }
 
@@ -697,6 +705,12 @@ static int tag_may_end(Framer *self, Py_ssize_t tok)
 
 static int may_complete(Framer *self)
 {
+    if (self->tok < self->base || self->fed < self->tok || self->fed > self->base + self->len) {
+        /* Cannot happen (compaction never drops what expat has not finished with); fail
+         * closed rather than scan outside the buffer. */
+        PyErr_SetString(PyExc_RuntimeError, "xml framer: unfinished token outside the buffer");
+        return -1;
+    }
     Py_ssize_t tok = (Py_ssize_t)(self->tok - self->base), fresh = (Py_ssize_t)(self->fed - self->base);
     Py_ssize_t n = self->len, have = n - tok < 4 ? n - tok : 4;
     const char *head = self->buf + tok;
@@ -793,7 +807,12 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
     self->events = PyList_New(0);
     if (self->events == NULL)
         goto done;
-    if (self->tok >= self->fed || may_complete(self)) {
+    int complete = self->tok >= self->fed ? 1 : may_complete(self);
+    if (complete < 0) {
+        Py_CLEAR(self->events);
+        goto done;
+    }
+    if (complete) {
         /* What expat has not seen yet: `data`, after the bytes held back before it if any.
          * Those are copied out of self->buf, which a failing handler frees. */
         PyObject *chunk = NULL;

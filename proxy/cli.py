@@ -37,14 +37,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="xmpp-dane-proxy", description="DANE for XMPP server-to-server traffic.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from proxy import __version__
 
-    run = sub.add_parser("run", help="run the proxy in the foreground")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+    p = _Parser(prog="xmpp-dane-proxy", description="DANE for XMPP server-to-server traffic.",
+                epilog="Exit status: 0 success or accept, 1 reject or configuration errors, 2 bad input.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    config_help = f"the configuration file (default {DEFAULT_CONFIG_PATH})"
 
-    cc = sub.add_parser("check-config", help="validate the config and every policy file")
-    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH)
+    run = sub.add_parser("run", help="run the proxy in the foreground",
+                         description="Run the proxy in the foreground (systemd Type=notify). SIGHUP reloads "
+                                     "config, policy and certificates; SIGTERM drains and stops.")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=config_help)
+
+    cc = sub.add_parser("check-config", help="validate the config and every policy file",
+                        description="Check the configuration, every policy file and every domain's "
+                                    "certificate and key; print each problem as file:line: message.")
+    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=config_help)
 
     v = sub.add_parser("verify", help="offline verdict for a certificate chain")
     v.add_argument("--chain", required=True, help="PEM file, leaf first, as the peer presents it")
@@ -69,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="with --check: the proxy's config file")
     t.add_argument("--nameserver", default=None, help="with --check: resolver HOST[:PORT] instead of [dns]")
     t.add_argument("--json", action="store_true", help="with --check: print one JSON object")
-    t.add_argument("--usage", default="3")
-    t.add_argument("--selector", default="1")
-    t.add_argument("--mtype", default="1")
-    t.add_argument("--host", default=None)
-    t.add_argument("--port", type=int, default=5269)
+    t.add_argument("--usage", default="3", help="0-3 or PKIX-TA, PKIX-EE, DANE-TA, DANE-EE (default 3)")
+    t.add_argument("--selector", default="1", help="0/CERT or 1/SPKI (default 1)")
+    t.add_argument("--mtype", default="1", help="0/FULL, 1/SHA2-256 or 2/SHA2-512 (default 1)")
+    t.add_argument("--host", default=None, help="owner name host (default: the leaf's first DNS name)")
+    t.add_argument("--port", type=int, default=5269, help="owner name port (default 5269)")
 
     cp = sub.add_parser("contrib-path", help="print where the backends' modules (contrib/) are installed",
                         description="Print the directory of the installed backend modules, for "
@@ -81,11 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("backend", nargs="?", default=None,
                     help="a backend (prosody, ejabberd): print its subdirectory instead of contrib/ itself")
 
+    man = sub.add_parser("manpage", help="print the manual page (roff), generated from these options",
+                         description="Print the manual page, e.g. > /usr/local/share/man/man1/xmpp-dane-proxy.1")
+    del man
+    comp = sub.add_parser("completion", help="print a shell completion script",
+                          description="Print a completion script, e.g. "
+                                      "> /etc/bash_completion.d/xmpp-dane-proxy")
+    comp.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell")
+
     ch = sub.add_parser("check", help="live check of a peer domain")
-    ch.add_argument("domain")
-    ch.add_argument("-c", "--config", default=None)
-    ch.add_argument("--nameserver", default=None)
-    ch.add_argument("--json", action="store_true")
+    ch.add_argument("domain", help="the peer domain to check")
+    ch.add_argument("-c", "--config", default=None, help="the proxy's configuration (resolver, policy.d, trust store)")
+    ch.add_argument("--nameserver", default=None, help="a DNSSEC-validating resolver, HOST[:PORT]")
+    ch.add_argument("--json", action="store_true", help="print one JSON object")
     ch.add_argument("--inbound", action="store_true",
                     help="apply the inbound rules (a peer of DOMAIN connecting to us) instead of the outbound ones")
     ch.add_argument("--cert", default=None, help="with --inbound: the chain the peer presented (PEM, leaf first)")
@@ -95,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "check-config": cmd_check_config, "verify": cmd_verify,
-               "tlsa": cmd_tlsa, "check": cmd_check, "contrib-path": cmd_contrib_path}[args.command]
+               "tlsa": cmd_tlsa, "check": cmd_check, "contrib-path": cmd_contrib_path,
+               "manpage": cmd_manpage, "completion": cmd_completion}[args.command]
     try:
         return handler(args)
     except BadInput as exc:
@@ -300,4 +319,18 @@ def cmd_contrib_path(args: argparse.Namespace) -> int:
         print(root / args.backend)
     else:
         raise BadInput(f"no modules for {args.backend!r} (there are: {', '.join(backends())})")
+    return EXIT_OK
+
+
+def cmd_manpage(args: argparse.Namespace) -> int:
+    from proxy.cli_docs import manpage
+
+    print(manpage(build_parser()), end="")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from proxy.cli_docs import completion
+
+    print(completion(build_parser(), args.shell), end="")
     return EXIT_OK

@@ -5,7 +5,8 @@ implementation of the text format (0.0.4, and OpenMetrics when a scraper asks fo
 the label escaping, and its counters are plain in-memory objects, so updating them from trio
 code is a synchronous call of about a microsecond.  What it does *not* have is a server that
 fits trio (its own servers run in threads), so the endpoint below is ours: one small HTTP/1.1
-GET handler with a bounded request size and a timeout.
+GET handler with a bounded request size and a timeout, with h11 (already used for the HTTPS
+client) parsing the request and framing the response.
 
 Every label takes values from a fixed set (the tuples below).  In particular the verdict
 `reason` label is a *category* (`dane-mismatch`, `pkix-invalid`, ...), never the free-text
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import h11
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import disable_created_metrics
@@ -249,7 +251,7 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-# --- the HTTP endpoint (sans-IO request parsing + a thin trio server) -----------------------
+# --- the HTTP endpoint (h11 parses and frames; a thin trio server around it) ----------------
 
 class HttpError(Exception):
     def __init__(self, status: int, reason: str, text: str) -> None:
@@ -264,23 +266,15 @@ class Request:
     headers: dict[str, str]
 
 
-def parse_request_head(head: bytes) -> Request:
-    """Parse an HTTP/1.x request head (request line + headers, without the blank line)."""
+def request_from_h11(event: h11.Request) -> Request:
+    """Our view of an h11 request: method, path without the query, lower-case headers."""
     try:
-        text = head.decode("ascii")
+        # h11 lets obs-text (bytes >= 0x80) through in header values; nothing a scraper
+        # sends needs it, and refusing it keeps every header a plain ASCII string.
+        headers = {name.decode("ascii"): value.decode("ascii") for name, value in event.headers}
+        method, target = event.method.decode("ascii"), event.target.decode("ascii")
     except UnicodeDecodeError:
         raise HttpError(400, "Bad Request", "request head is not ASCII") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise HttpError(400, "Bad Request", "malformed request line")
-    method, target, _ = parts
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(400, "Bad Request", "malformed header line")
-        headers[name.lower()] = value.strip()
     return Request(method, target.split("?", 1)[0], headers)
 
 
@@ -295,28 +289,51 @@ def respond(request: Request, metrics: Metrics) -> tuple[int, str, list[tuple[st
     return 200, "OK", [("Content-Type", content_type)], body
 
 
-def _render(status: int, reason: str, headers: list[tuple[str, str]], body: bytes, *, head_only: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers),
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    return "\r\n".join(lines).encode("ascii") + (b"" if head_only else body)
+def _render(conn: h11.Connection | None, status: int, reason: str, headers: list[tuple[str, str]],
+            body: bytes, *, head_only: bool = False) -> bytes:
+    """The response bytes, framed by h11 on the request's connection `conn` (None: a reply to
+    no request, e.g. 503 on overload).  A HEAD reply has Content-Length and no body."""
+    conn = conn or h11.Connection(h11.SERVER)
+    all_headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+    out = conn.send(h11.Response(status_code=status, reason=reason.encode(), headers=all_headers)) or b""
+    if body and not head_only:
+        out += conn.send(h11.Data(data=body)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
+
+
+async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request:
+    """Read until h11 has a whole request head (bounded by MAX_REQUEST_BYTES)."""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HttpError(431, "Request Header Fields Too Large",
+                                f"request head over {MAX_REQUEST_BYTES} bytes") from None
+            raise HttpError(400, "Bad Request", f"malformed request: {exc}") from None
+        if isinstance(event, h11.Request):
+            return event
+        if isinstance(event, h11.ConnectionClosed):
+            raise HttpError(400, "Bad Request", "connection closed before the request was complete")
+        # h11.NEED_DATA (nothing else can come before a request on a fresh connection)
+        conn.receive_data(await stream.receive_some(4096))
 
 
 async def handle_http(stream: trio.abc.Stream, metrics: Metrics) -> None:
     """Serve one request on `stream`, then close it (no keep-alive: scrapes are seconds apart)."""
-    head_only = False
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                head = await _read_head(stream)
-            request = parse_request_head(head)
-            head_only = request.method == "HEAD"
-            out = _render(*respond(request, metrics), head_only=head_only)
+                event = await _next_request(stream, conn)
+            request = request_from_h11(event)
+            out = _render(conn, *respond(request, metrics), head_only=request.method == "HEAD")
         except HttpError as exc:
-            out = _render(exc.status, exc.reason, [("Content-Type", "text/plain")],
-                          exc.text.encode() + b"\n", head_only=False)
+            out = _render(_fresh_if_spent(conn), exc.status, exc.reason, [("Content-Type", "text/plain")],
+                          exc.text.encode() + b"\n")
         except trio.TooSlowError:
-            out = _render(408, "Request Timeout", [("Content-Type", "text/plain")],
-                          b"request not received in time\n", head_only=False)
+            out = _render(_fresh_if_spent(conn), 408, "Request Timeout", [("Content-Type", "text/plain")],
+                          b"request not received in time\n")
         with trio.move_on_after(REQUEST_TIMEOUT):
             await stream.send_all(out)
             await _lingering_close(stream)
@@ -324,6 +341,12 @@ async def handle_http(stream: trio.abc.Stream, metrics: Metrics) -> None:
         log.debug("metrics client went away: %s", exc)
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def _fresh_if_spent(conn: h11.Connection) -> h11.Connection | None:
+    # An error reply goes on the request's connection while h11 still lets us answer there
+    # (it does after a client protocol error); otherwise it is rendered on its own.
+    return conn if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) else None
 
 
 async def _lingering_close(stream: trio.abc.Stream) -> None:
@@ -340,20 +363,6 @@ async def _lingering_close(stream: trio.abc.Stream) -> None:
             if not chunk:
                 break
             drained += len(chunk)
-
-
-async def _read_head(stream: trio.abc.Stream) -> bytes:
-    buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(buf[:end])
-        if len(buf) > MAX_REQUEST_BYTES:
-            raise HttpError(431, "Request Header Fields Too Large", f"request head over {MAX_REQUEST_BYTES} bytes")
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise HttpError(400, "Bad Request", "connection closed before the request was complete")
-        buf += chunk
 
 
 def _address(listener: trio.SocketListener) -> str:
@@ -387,8 +396,7 @@ async def serve_metrics(metrics: Metrics, listeners: Sequence[trio.SocketListene
             # Overloaded (or someone is holding connections open): refuse cheaply.
             try:
                 with trio.move_on_after(1):
-                    await stream.send_all(_render(503, "Service Unavailable", [("Retry-After", "1")],
-                                                  b"", head_only=False))
+                    await stream.send_all(_render(None, 503, "Service Unavailable", [("Retry-After", "1")], b""))
                     await _lingering_close(stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass

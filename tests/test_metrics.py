@@ -202,6 +202,12 @@ def test_http_errors():
         assert status == 405 and headers["Allow"] == "GET, HEAD"
         assert (await raw_exchange(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
         assert (await raw_exchange(port, b"GET /metrics HTTP/1.1\r\nX: \xff\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        assert (await raw_exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX: \xff\r\n\r\n")).startswith(
+            b"HTTP/1.1 400 ")
+        # RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400; HTTP/1.0 needs none.
+        assert (await raw_exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        reply = await raw_exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"xmpp_dane_proxy_build_info" in reply
         huge = b"GET /metrics HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"
         assert (await raw_exchange(port, huge)).startswith(b"HTTP/1.1 431 ")
         # Query strings are ignored, as Prometheus' own exporters do.
@@ -228,7 +234,7 @@ def test_concurrent_scrapes_are_bounded():
         n = metrics_mod.MAX_CONCURRENT_SCRAPES + 1
         streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(n)]
         for s in streams:
-            await s.send_all(b"GET /metrics HTTP/1.1\r\n")      # incomplete: holds a slot
+            await s.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")   # incomplete: holds a slot
         first: list[tuple[int, bytes]] = []
         refused = trio.Event()
 

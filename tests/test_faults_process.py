@@ -78,6 +78,7 @@ class BackendConn:
     ids: list[str] = field(default_factory=list)       # message ids read, in order
     got_close: bool = False                             # the proxy's </stream:stream> arrived
     sent_close: bool = False
+    after_close: int = 0                                # messages read after the backend closed
 
 
 class ScriptedBackend:
@@ -140,6 +141,7 @@ class ScriptedBackend:
                             f"<db:result from='{event.attrs['to']}' to='{event.attrs['from']}' type='valid'/>".encode())
                     elif isinstance(event, Element) and event.name == "message":
                         conn.ids.append(event.attrs.get("id", ""))
+                        conn.after_close += conn.sent_close
                     elif isinstance(event, StreamClosed):
                         conn.got_close = True
                         if not conn.sent_close:
@@ -203,6 +205,7 @@ class Talker:
     eof: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     done: trio.Event = field(default_factory=trio.Event)
+    pending_on_close: int = 0    # messages still to send when the proxy's close arrives
 
     async def send_message(self) -> bool:
         async with self.lock:
@@ -235,6 +238,12 @@ class Talker:
                     async with self.lock:
                         self.closed_by_proxy = True
                         try:
+                            # RFC 6120 §4.4: the other side finishes sending what it has,
+                            # then closes its own stream.
+                            for _ in range(self.pending_on_close):
+                                n = len(self.sent)
+                                await self.peer.send(message(self.no, n))
+                                self.sent.append(f"p{self.no}-{n}")
                             await self.peer.send(b"</stream:stream>")
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass
@@ -386,6 +395,8 @@ def test_backend_graceful_restart_under_load_loses_nothing(world, tmp_path, port
     async def scenario(proxy, backend, nursery):
         await backend.start(nursery)
         talkers = await _talkers(ports["listen"], world, nursery)
+        for t in talkers:
+            t.pending_on_close = 3     # under way when the close reaches the peer
         restarted = trio.Event()
 
         async def keep_sending(t: Talker):
@@ -409,6 +420,8 @@ def test_backend_graceful_restart_under_load_loses_nothing(world, tmp_path, port
         delivered, bounced, lost = stanza_account(talkers, backend.ids())
         assert lost == [] and bounced == 0, lost[:10]
         assert delivered > STREAMS * 5
+        # The stanzas each peer sent after the backend's close reached the backend.
+        assert sum(c.after_close for c in backend.conns) >= STREAMS * 3
         assert all(t.closed_by_proxy and t.stream_error is None for t in talkers)
         counts, open_now = await until(lambda: _settled(ports["metrics"], STREAMS), "every stream counted")
         assert counts == {"ok": STREAMS} and open_now == 0, counts

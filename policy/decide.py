@@ -55,7 +55,10 @@ def decide(
     # or breakage, never a reason to fall back to a weaker rule (RFC 7672 §2.1.1).
     failed = _failures(evidence)
     if failed:
-        return no("DNSSEC evidence failed (" + ", ".join(failed) + "); failing closed")
+        # Notes name the cause where one is known (e.g. the resolver that failed its
+        # DNSSEC probe, DESIGN §2.1 item 5).
+        notes = "".join(f"; {note}" for note in evidence.notes)
+        return no("DNSSEC evidence failed (" + ", ".join(failed) + ")" + notes + "; failing closed")
 
     usable = _usable(evidence, policy)
     references = references_for(domain, evidence.delegated_targets)
@@ -73,7 +76,10 @@ def decide(
         # Failing to match is final — no PKIX fallback, which is what stops a downgrade.
         if not chain:
             return no("usable TLSA records exist but the peer presented no certificate")
-        result = authenticate(chain, usable.usable, references, trust=trust, now=now)
+        # RFC 7671 §7: a secure CNAME expansion whose TLSA RRset is used is a reference
+        # identifier for DANE-TA(2) too (in addition to the original name); PKIX never sees it.
+        dane_references = references_for(domain, (*evidence.delegated_targets, *evidence.alias_targets))
+        result = authenticate(chain, usable.usable, dane_references, trust=trust, now=now)
         if result.ok:
             return yes(result.prooftype, result.reason, matched=result.matched, identity=result.identity)
         return no(result.reason + _ignored_note(usable) + "; no fallback to PKIX")

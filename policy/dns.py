@@ -10,10 +10,14 @@ exactly one `DnsStatus`:
 * ``insecure`` — answered, but not provably signed (or the resolver is not trusted).
 * ``bogus``    — SERVFAIL or another error answer from the validating resolver.
 * ``timeout``  — no answer within the per-lookup budget.
+* ``unvalidated`` — would be ``insecure``, but the resolver failed its DNSSEC probe
+                 (``dns.probe``, DESIGN §2.1 item 5): it may not validate at all, so an
+                 unsigned answer cannot be told from an unchecked one.  Rejects like a timeout.
 
 NXDOMAIN and NODATA are answers too, with a status: a *secure* NXDOMAIN is proof of absence.
 
-Lookups run on trio through dnspython's trio backend.  Answers are cached by TTL (negative
+Lookups run on trio (`policy.dns_wire` does the exchange and reads a TLSA RRset record by
+record).  Answers are cached by TTL (negative
 answers by the SOA rule of RFC 2308 §5); timeouts are never cached.
 """
 from __future__ import annotations
@@ -24,8 +28,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
-import dns.asyncbackend
-import dns.asyncquery
 import dns.edns
 import dns.exception
 import dns.flags
@@ -39,11 +41,13 @@ import dns.rrset
 import idna
 import trio
 
+from policy.dns_wire import exchange_tcp, exchange_udp
 from policy.evidence import DnsStatus
 
 __all__ = [
     "Answer",
     "Nameserver",
+    "ProbeResult",
     "Resolver",
     "ad_trusted",
     "parse_nameserver",
@@ -71,19 +75,26 @@ MAX_CACHE_ENTRIES = 10000
 # datagram costs a third of the timeout and two retries still fit (like glibc's attempts:2).
 ATTEMPT_SHARE = 1 / 3
 MIN_ATTEMPT_SECONDS = 0.5
+# DESIGN §2.1 item 5: the DNSSEC probe is asked again this often (and at start and reload).
+# A minute bounds how long a resolver that stopped validating goes unnoticed (answers it gave
+# before are still the resolver's; those cached as secure stay secure), and costs one query
+# a minute.  Postfix's dnssec_probe is asked about as rarely.
+PROBE_INTERVAL = 60.0
+PROBE_RDTYPE = dns.rdatatype.SOA
 
 _STATUS_RANK = {
     DnsStatus.SECURE: 0,
     DnsStatus.INSECURE: 1,
-    DnsStatus.TIMEOUT: 2,
-    DnsStatus.BOGUS: 3,
+    DnsStatus.UNVALIDATED: 2,
+    DnsStatus.TIMEOUT: 3,
+    DnsStatus.BOGUS: 4,
 }
 
 
 def weakest(*statuses: DnsStatus | None) -> DnsStatus | None:
     """The weakest of several statuses: a chain of evidence is only as good as its worst link.
 
-    Order: secure < insecure < timeout < bogus.  ``None`` entries (nothing looked up) are skipped.
+    Order: secure < insecure < unvalidated < timeout < bogus.  ``None`` entries (nothing looked up) are skipped.
     """
     present = [s for s in statuses if s is not None]
     if not present:
@@ -252,6 +263,23 @@ class Answer:
         return f"{self.key}{via}: {self.status.value}: {what}"
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """One answer to the DNSSEC probe (DESIGN §2.1 item 5) from one resolver."""
+
+    server: str
+    probe: str
+    ok: bool
+    detail: str
+
+    def describe(self) -> str:
+        """E.g. "resolver 127.0.0.1:53 does not validate DNSSEC: probe '.' answered without
+        the AD bit"."""
+        if self.ok:
+            return f"resolver {self.server} validates DNSSEC (probe {self.probe!r} came back with AD)"
+        return f"resolver {self.server} does not validate DNSSEC: probe {self.probe!r} {self.detail}"
+
+
 @dataclass
 class _Flight:
     done: trio.Event
@@ -289,6 +317,9 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         max_cache_entries: int = MAX_CACHE_ENTRIES,
         on_lookup: Callable[[str, str, bool], None] | None = None,
+        probe: str | None = None,
+        probe_interval: float = PROBE_INTERVAL,
+        on_probe: Callable[["ProbeResult"], None] | None = None,
     ) -> None:
         if not nameservers:
             raise ValueError("dns.nameservers: at least one nameserver is needed")
@@ -309,16 +340,116 @@ class Resolver:
             collections.OrderedDict()
         )
         self._inflight: dict[tuple[dns.name.Name, int], _Flight] = {}
-        self._backend = dns.asyncbackend.get_backend("trio")
         # Lookups that went to the network, by final status (for metrics, DESIGN §6).
         self.stats: collections.Counter[str] = collections.Counter()
         # Told (rdtype, status, from_cache) of every lookup: the metrics hook.  A callback
         # rather than an import keeps `policy` free of `proxy`.
         self._on_lookup = on_lookup
+        # DESIGN §2.1 item 5: `probe` is a name that must validate; None = no probe (every
+        # resolver trusted as in the rules above — library use and tests).
+        self.probe_name = name_text(to_dns_name(probe)) if probe is not None else None
+        self.probe_interval = float(probe_interval)
+        self._on_probe = on_probe
+        self._probes: dict[Nameserver, ProbeResult] = {}
+        self._probed_at: float | None = None
+        self._probe_lock = trio.Lock()
 
     def trusted(self, nameserver: Nameserver) -> bool:
         """Whether this resolver's AD bit is believed."""
         return self._trusted[nameserver]
+
+    # -- DNSSEC probe (DESIGN §2.1 item 5) ----------------------------------------------------
+
+    def probe_results(self) -> tuple["ProbeResult", ...]:
+        """The last probe result of every nameserver (empty before the first probe)."""
+        return tuple(self._probes[ns] for ns in self.nameservers if ns in self._probes)
+
+    def validation_problem(self) -> str:
+        """Why answers that would be insecure count as unvalidated now ("" when they do not):
+        names each resolver that failed the probe, and the probe."""
+        if self.probe_name is None:
+            return ""
+        failing = [r for r in (self._probes.get(ns) for ns in self.nameservers) if r is None or not r.ok]
+        if not failing:
+            return ""
+        if not self._probes:
+            return f"the DNSSEC probe {self.probe_name!r} has not been answered yet"
+        return "; ".join(r.describe() for r in failing)
+
+    def _validating(self, server: str) -> bool:
+        if self.probe_name is None:
+            return True
+        for ns, result in self._probes.items():
+            if str(ns) == server:
+                return result.ok
+        return False  # never probed successfully: fail closed
+
+    async def probe(self) -> tuple["ProbeResult", ...]:
+        """Ask every nameserver for `dns.probe` with DO now (at start, on reload, and every
+        `probe_interval`); returns the results.  Without a probe name, does nothing."""
+        if self.probe_name is None:
+            return ()
+        async with self._probe_lock:
+            results: dict[Nameserver, ProbeResult] = {}
+
+            async def one(ns: Nameserver) -> None:
+                results[ns] = await self._probe_one(ns)
+
+            async with trio.open_nursery() as nursery:
+                for ns in self.nameservers:
+                    nursery.start_soon(one, ns)
+            for ns in self.nameservers:
+                before = self._probes.get(ns)
+                self._probes[ns] = results[ns]
+                if self._on_probe is not None and (before is None or before.ok != results[ns].ok):
+                    self._on_probe(results[ns])
+            self._probed_at = self._clock()
+        return self.probe_results()
+
+    def _probe_due(self) -> bool:
+        if self.probe_name is None:
+            return False
+        return self._probed_at is None or self._clock() - self._probed_at >= self.probe_interval
+
+    async def _probe_if_due(self) -> None:
+        if not self._probe_due():
+            return
+        if self._probe_lock.locked():
+            async with self._probe_lock:  # someone is probing: wait for their result
+                return
+        await self.probe()
+
+    async def _probe_one(self, ns: Nameserver) -> "ProbeResult":
+        assert self.probe_name is not None
+        query = dns.message.make_query(
+            to_dns_name(self.probe_name), PROBE_RDTYPE, use_edns=0, want_dnssec=True,
+            payload=EDNS_PAYLOAD, flags=dns.flags.RD | dns.flags.AD,
+        )
+        with trio.move_on_after(self.timeout):
+            try:
+                response = await self._exchange(query, ns)
+            except OSError as exc:
+                return ProbeResult(str(ns), self.probe_name, False, f"got no answer ({exc})")
+            except dns.exception.DNSException as exc:
+                return ProbeResult(str(ns), self.probe_name, False, f"got a bad response ({exc})")
+            rcode = response.rcode()
+            if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                return ProbeResult(str(ns), self.probe_name, False,
+                                   f"answered {dns.rcode.to_text(rcode)}{_ede_text(response)}")
+            if not response.flags & dns.flags.AD:
+                return ProbeResult(str(ns), self.probe_name, False, "answered without the AD bit")
+            if not self._trusted[ns]:
+                return ProbeResult(str(ns), self.probe_name, False,
+                                   "came back with AD from a resolver whose AD bit is not trusted (not loopback, not in dns.trust_ad_from)")
+            return ProbeResult(str(ns), self.probe_name, True, "validated (AD)")
+        return ProbeResult(str(ns), self.probe_name, False, f"got no answer within {self.timeout:g}s")
+
+    def _judge(self, answer: Answer) -> Answer:
+        """An insecure answer from a resolver that failed the probe is unvalidated."""
+        if answer.status is DnsStatus.INSECURE and not self._validating(answer.server):
+            return replace(answer, status=DnsStatus.UNVALIDATED,
+                           reason=self.validation_problem() or "resolver failed the DNSSEC probe")
+        return answer
 
     def _report(self, answer: Answer, cached: bool) -> None:
         if self._on_lookup is not None:
@@ -337,27 +468,42 @@ class Resolver:
         except dns.exception.DNSException:
             raise ValueError(f"unknown DNS record type {rdtype!r}") from None
         key = (qname, int(qtype))
+        if self._probe_due():
+            result: list[tuple[Answer, bool]] = []
+            # The probe runs beside the lookup, so a dead resolver costs one timeout, not two.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_if_due)
+                result.append(await self._lookup(key, qname, qtype))
+            raw, cached = result[0]
+        else:
+            raw, cached = await self._lookup(key, qname, qtype)
+        answer = self._judge(raw)
+        self._report(answer, cached)
+        return answer
+
+    async def _lookup(
+        self, key: tuple[dns.name.Name, int], qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+    ) -> tuple[Answer, bool]:
+        """The answer (as stored: before the probe's judgement) and whether it was cached."""
         while True:
             cached = self._cached(key)
             if cached is not None:
-                self._report(cached, True)
-                return cached
+                return cached, True
             flight = self._inflight.get(key)
             if flight is None:
                 break
             # Someone is already asking: share their answer instead of a second query.
             await flight.done.wait()
             if flight.answer is not None:
-                return flight.answer
+                return flight.answer, True
         flight = _Flight(trio.Event())
         self._inflight[key] = flight
         try:
             answer = await self._resolve(qname, qtype)
             self.stats[answer.status.value] += 1
-            self._report(answer, False)
             self._store(key, answer)
             flight.answer = answer
-            return answer
+            return answer, False
         finally:
             del self._inflight[key]
             flight.done.set()
@@ -507,14 +653,12 @@ class Resolver:
         raise _Failure(DnsStatus.TIMEOUT, f"no answer within {self.timeout:g}s", "")
 
     async def _exchange(self, query: dns.message.Message, ns: Nameserver) -> dns.message.Message:
-        # ignore_unexpected/ignore_errors: a stray or forged datagram must not end the wait.
-        response = await dns.asyncquery.udp(
-            query, ns.host, port=ns.port, backend=self._backend,
-            ignore_unexpected=True, ignore_errors=True,
-        )
+        # A datagram that is not a response to this query is ignored (a stray or forged one
+        # must not end the wait); one that is, is read record by record (policy.dns_wire).
+        response = await exchange_udp(query, ns.host, ns.port)
         if response.flags & dns.flags.TC:
             # RFC 1035 §4.2.1 / RFC 7766 §5: a truncated answer is retried over TCP.
-            response = await dns.asyncquery.tcp(query, ns.host, port=ns.port, backend=self._backend)
+            response = await exchange_tcp(query, ns.host, ns.port)
         return response
 
 

@@ -17,6 +17,9 @@ class DnsStatus(str, enum.Enum):
 
     SECURE = "secure"      # AD bit set by a trusted (loopback or listed) validating resolver
     INSECURE = "insecure"  # answered, but not provably signed
+    # Would be insecure, but the resolver failed its `dns.probe` (DESIGN §2.1 item 5): it
+    # may not be validating at all, so "not signed" cannot be told from "not checked".
+    UNVALIDATED = "unvalidated"
     BOGUS = "bogus"        # SERVFAIL or other failure from a validating resolver
     TIMEOUT = "timeout"    # no answer in time
 
@@ -25,8 +28,9 @@ class DnsStatus(str, enum.Enum):
 
     @property
     def failed(self) -> bool:
-        """Bogus or timed-out evidence rejects in every `require` mode (DESIGN §2.4)."""
-        return self in (DnsStatus.BOGUS, DnsStatus.TIMEOUT)
+        """Bogus, timed-out or unvalidated evidence rejects in every `require` mode (DESIGN
+        §2.1, §2.4)."""
+        return self in (DnsStatus.BOGUS, DnsStatus.TIMEOUT, DnsStatus.UNVALIDATED)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Evidence:
     `delegated_targets` are securely delegated SRV targets: extra reference identifiers (RFC
     7673 §4 / DESIGN §2.1).  `statuses` names every other piece of evidence (SRV, addresses,
     CNAME hops) with its status; any bogus or timeout among them rejects.
+    `alias_targets` are secure CNAME expansions of a TLSA base domain whose TLSA RRset was
+    used (RFC 7671 §7): reference identifiers for DANE-TA(2) only, never for PKIX.
+    `notes` explain failed statuses (e.g. which resolver failed its DNSSEC probe); a
+    rejection for failed evidence carries them in its reason.
     """
 
     domain: str
@@ -46,3 +54,8 @@ class Evidence:
     tlsa_status: DnsStatus | None = None
     delegated_targets: tuple[str, ...] = ()
     statuses: dict[str, DnsStatus] = field(default_factory=dict)
+    alias_targets: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    # Seconds until the shortest-lived answer this evidence rests on expires (DESIGN §2.1,
+    # §3.4); None when nothing came from DNS (static policy evidence only).
+    ttl: int | None = None

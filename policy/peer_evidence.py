@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+import dns.rdata
 import trio
 
 from policy.dns import Answer, Resolver, name_text, to_dns_name, weakest
@@ -43,6 +44,8 @@ class SrvTarget:
     `tlsa`/`tlsa_status`/`tlsa_name`: the TLSA RRset that applies when connecting here
     (`tlsa_status` None: none was looked up).  `statuses`: this target's own lookups
     (A, AAAA, TLSA) with their status.  `fallback`: no SRV existed, this is the domain itself.
+    `alias`: the host is a secure CNAME alias and `tlsa` came from the fully expanded name
+    (RFC 7671 §7); that name is then a DANE-TA(2) reference identifier too.
     """
 
     host: str
@@ -59,6 +62,7 @@ class SrvTarget:
     tlsa_status: DnsStatus | None = None
     tlsa_name: str | None = None
     statuses: Mapping[str, DnsStatus] = field(default_factory=dict)
+    alias: str | None = None
 
     def __str__(self) -> str:
         mode = "direct-tls" if self.direct_tls else "starttls"
@@ -86,6 +90,8 @@ class PeerEvidence:
     domain_tlsa_status: DnsStatus | None = None
     domain_tlsa_name: str | None = None
     domain_statuses: Mapping[str, DnsStatus] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    ttl: int | None = None    # shortest TTL of the answers used; None: no DNS lookup made
 
     @property
     def failed(self) -> bool:
@@ -120,6 +126,9 @@ class PeerEvidence:
             tlsa_status=target.tlsa_status,
             delegated_targets=(target.host,) if target.delegated else (),
             statuses=statuses,
+            alias_targets=(target.alias,) if target.alias else (),
+            notes=self.notes,
+            ttl=self.ttl,
         )
 
     def for_inbound(self) -> Evidence:
@@ -156,11 +165,15 @@ class PeerEvidence:
             tlsa_status=tlsa_status,
             delegated_targets=self.delegated_targets,
             statuses=statuses,
+            alias_targets=tuple(dict.fromkeys(t.alias for t in self.targets if t.alias)),
+            notes=self.notes,
+            ttl=self.ttl,
         )
 
     def describe(self) -> list[str]:
         """Human-readable lines (for `xmpp-dane-proxy check` and logs)."""
         lines = [f"{key}: {status.value}" for key, status in self.statuses.items()]
+        lines += [f"DNSSEC: {note}" for note in self.notes]
         if self.failure:
             lines.append(f"FAILED CLOSED ({self.failure.value}): {self.reason}")
         elif self.no_service:
@@ -172,6 +185,7 @@ class PeerEvidence:
                 f", delegated={'yes' if t.delegated else 'no'}"
                 f", TLSA {t.tlsa_name or '-'} [{t.tlsa_status.value if t.tlsa_status else '-'}]"
                 f" {len(t.tlsa)} record(s)"
+                + (f" (CNAME {t.host} -> {t.alias})" if t.alias else "")
             )
         return lines
 
@@ -219,9 +233,20 @@ def order_srv(records: Sequence[Any], rng: random.Random | None = None) -> list[
 
 
 def tlsa_from_answer(answer: Answer) -> tuple[TlsaRecord | MalformedTlsa, ...]:
-    """The TLSA rdata of an answer as `TlsaRecord`s (in answer order)."""
+    """The TLSA rdata of an answer as `TlsaRecord`s (in answer order).
+
+    DESIGN §2.1 item 4: a record the resolver validated but dnspython could not parse arrives
+    as opaque rdata (`policy.dns_wire`); it is read here field by field, so `policy.tlsa`
+    names it as unusable (e.g. "digest is 20 bytes, expected 32") and the others decide."""
     out: list[TlsaRecord | MalformedTlsa] = []
     for rdata in answer.rrset:
+        if isinstance(rdata, dns.rdata.GenericRdata):
+            raw = bytes(rdata.data)
+            if len(raw) < 3:
+                out.append(MalformedTlsa(rdata.to_text(), f"rdata is {len(raw)} bytes, too short for TLSA"))
+            else:
+                out.append(TlsaRecord(raw[0], raw[1], raw[2], raw[3:]))
+            continue
         try:
             out.append(TlsaRecord(int(rdata.usage), int(rdata.selector), int(rdata.mtype), bytes(rdata.cert)))
         except (AttributeError, TypeError, ValueError) as exc:
@@ -284,6 +309,7 @@ async def gather(
     records: list[_Srv] = []
     no_service = False
     starttls_srv_exists = False
+    answers: dict[str, Answer] = {}
     if static_srv:
         srv_statuses[f"SRV {STARTTLS_SERVICE}.{d} ({STATIC})"] = DnsStatus.SECURE
         records = [
@@ -295,8 +321,6 @@ async def gather(
         records = real
         starttls_srv_exists = True
     else:
-        answers: dict[str, Answer] = {}
-
         async def srv(service: str) -> None:
             answers[service] = await resolver.lookup(f"{service}.{d}", "SRV")
 
@@ -313,6 +337,7 @@ async def gather(
                 srv_statuses=srv_statuses,
                 failure=weakest(*(a.status for a in failed)),
                 reason="; ".join(a.describe() for a in failed),
+                notes=_notes(resolver),
             )
         starttls_records, starttls_dot = _srv_records(starttls, direct_tls=False)
         direct_records, _direct_dot = _srv_records(direct, direct_tls=True)
@@ -354,6 +379,27 @@ async def gather(
         for name, rdtype in wanted:
             nursery.start_soon(lookup, name, rdtype)
 
+    # -- DESIGN §2.1 step 3 / RFC 7671 §7: a TLSA base domain that is a CNAME alias --------
+    # The address lookups followed any CNAME chain at a base domain (the no-SRV domain D, or a
+    # securely delegated SRV target).  Only a chain that is secure end to end lets TLSA be
+    # looked up at the fully expanded name; that RRset, when it exists, is used first, and
+    # the original name's otherwise.  An insecure chain gives no DANE from the expanded name.
+    aliases: dict[tuple[str, int], str] = {}
+    if not static_tlsa:
+        for r in ordered:
+            base_is_tlsa_base = fallback or r.secure
+            expanded = _secure_expansion(results, r.target)
+            if base_is_tlsa_base and expanded:
+                aliases[(r.target, r.port)] = expanded
+    expanded_answers: dict[tuple[str, int], Answer] = {}
+    if aliases:
+        async def expanded_lookup(key: tuple[str, int], name: str) -> None:
+            expanded_answers[key] = await resolver.lookup(f"_{key[1]}._tcp.{name}", "TLSA")
+
+        async with trio.open_nursery() as nursery:
+            for key, name in aliases.items():
+                nursery.start_soon(expanded_lookup, key, name)
+
     domain_answer = results.get((domain_tlsa_name, "TLSA")) if need_domain_tlsa else None
     if static_tlsa:
         domain_tlsa, domain_tlsa_status, domain_tlsa_key = static_tlsa, DnsStatus.SECURE, f"TLSA {STATIC}"
@@ -394,11 +440,22 @@ async def gather(
             # Insecure SRV (or none): D is the only reference identifier and its TLSA applies.
             tlsa, tlsa_status, tlsa_name = domain_tlsa, domain_tlsa_status, domain_tlsa_name
             statuses[domain_tlsa_key] = domain_tlsa_status  # type: ignore[assignment]
+        alias: str | None = None
+        expanded_answer = expanded_answers.get((r.target, r.port))
+        if expanded_answer is not None and (fallback or delegated):
+            statuses[expanded_answer.key] = expanded_answer.status
+            if expanded_answer.failed:
+                # Failure is never absence: no falling back to the original name.
+                tlsa, tlsa_status, tlsa_name = (), expanded_answer.status, expanded_answer.name
+            elif expanded_answer.status is DnsStatus.SECURE and expanded_answer.rrset:
+                tlsa, tlsa_status = tlsa_from_answer(expanded_answer), DnsStatus.SECURE
+                tlsa_name, alias = expanded_answer.name, aliases[(r.target, r.port)]
         targets.append(SrvTarget(
             host=r.target, port=r.port, direct_tls=r.direct_tls, priority=r.priority,
             weight=r.weight, srv_secure=r.secure, delegated=delegated, fallback=fallback,
             addresses=addresses, address_status=address_status,
             tlsa=tlsa, tlsa_status=tlsa_status, tlsa_name=tlsa_name, statuses=statuses,
+            alias=alias,
         ))
 
     domain_statuses: dict[str, DnsStatus] = {}
@@ -413,4 +470,24 @@ async def gather(
         domain_tlsa_status=domain_tlsa_status,
         domain_tlsa_name=(STATIC if static_tlsa else domain_tlsa_name if domain_answer is not None else None),
         domain_statuses=domain_statuses,
+        notes=_notes(resolver),
+        ttl=min((a.ttl for a in (*answers.values(), *results.values(), *expanded_answers.values())),
+                default=None),
     )
+
+
+def _secure_expansion(results: Mapping[tuple[str, str], Answer], host: str) -> str | None:
+    """The fully expanded name of `host` when its address lookups went through a CNAME chain
+    that is secure end to end (RFC 7671 §7); None when there is no alias or the chain is not
+    secure."""
+    answers = [results[(host, t)] for t in ("A", "AAAA") if (host, t) in results]
+    chained = [a for a in answers if a.cname_chain]
+    if not chained or any(a.status is not DnsStatus.SECURE for a in chained):
+        return None
+    return chained[0].canonical_name
+
+
+def _notes(resolver: Resolver) -> tuple[str, ...]:
+    """Why insecure answers count as unvalidated right now, if they do (DESIGN §2.1 item 5)."""
+    problem = resolver.validation_problem() if hasattr(resolver, "validation_problem") else ""
+    return (problem,) if problem else ()

@@ -8,6 +8,8 @@ half-read policy.
 """
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +185,40 @@ def _parse_static_tlsa(text: str) -> TlsaRecord:
     return rec
 
 
+def _policy_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The `*.toml` files of the policy directory, and the problems met listing them.
+
+    Fail closed: a directory or file that exists but cannot be read is an error, never an
+    absent file (`Path.glob` silently skips a directory it may not read, and a `block` file
+    there would stop applying).  A `*.toml` entry that is not a regular file (a FIFO would
+    hang the read; a dangling symlink is a file that went missing) is an error too.
+    """
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return [], [f"{root}:0: policy directory does not exist"]
+    except NotADirectoryError:
+        return [], [f"{root}:0: policy directory is not a directory"]
+    except OSError as exc:
+        return [], [f"{root}:0: policy directory cannot be read: {exc.strerror or exc}"]
+    paths: list[Path] = []
+    errors: list[str] = []
+    for name in names:
+        if not name.endswith(".toml"):
+            continue
+        path = root / name
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            errors.append(f"{path}:0: policy file cannot be read: {exc.strerror or exc}")
+            continue
+        if not stat.S_ISREG(mode):
+            errors.append(f"{path}:0: policy file is not a regular file")
+            continue
+        paths.append(path)
+    return paths, errors
+
+
 @dataclass(frozen=True)
 class PolicySet:
     """All loaded policy files; `for_domain` picks the most specific one."""
@@ -198,13 +234,11 @@ class PolicySet:
         if directory is None or str(directory) == "":
             return cls()
         root = Path(directory)
-        if not root.is_dir():
-            raise PolicyError([f"{root}:0: policy directory does not exist"])
+        paths, errors = _policy_files(root)
         exact: dict[str, Policy] = {}
         wildcard: dict[str, Policy] = {}
         default = BUILTIN_DEFAULT
-        errors: list[str] = []
-        for path in sorted(root.glob("*.toml")):
+        for path in paths:
             stem = path.name[: -len(".toml")]
             try:
                 pol = parse_policy_document(TomlDocument.read(path))

@@ -407,7 +407,7 @@ def _settings(config: str | Path | Config | None, nameserver: str | None):
         else:
             nameservers = cfg.dns.nameservers if cfg else ["127.0.0.1"]
         resolver = Resolver(nameservers, cfg.dns.trust_ad_from if cfg else (),
-                            cfg.dns.timeout if cfg else 5.0)
+                            cfg.dns.timeout if cfg else 5.0, probe=cfg.dns.probe if cfg else ".")
     except ValueError as exc:
         raise _BadInput(f"--nameserver: {exc}") from None
     try:

@@ -265,7 +265,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if not report.ok:
         return EXIT_REJECT
     print(report.summary())
+    from proxy.config import load_config
+
+    for line in probe_warnings(load_config(args.config)):
+        print(line, file=sys.stderr)
     return EXIT_OK
+
+
+def probe_warnings(cfg) -> list[str]:
+    """DESIGN §2.1 item 5: ask each resolver for `dns.probe` now; a resolver that does not
+    validate is a warning here (the files are fine, and at boot the resolver may not be up
+    yet), while the running proxy fails closed: insecure answers count as unvalidated."""
+    import trio
+
+    from policy.dns import Resolver
+
+    resolver = Resolver(cfg.dns.nameservers, cfg.dns.trust_ad_from, cfg.dns.timeout, probe=cfg.dns.probe)
+    return [f"warning: dns: {r.describe()}; while it does not, every answer that would be insecure "
+            f"counts as unvalidated and rejects" for r in trio.run(resolver.probe) if not r.ok]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

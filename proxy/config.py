@@ -77,6 +77,14 @@ class DnsConfig:
     # Unbound's own upstream timeouts are around 3-5 s before it answers SERVFAIL; 5 s lets
     # it finish and still bounds the handshake.
     timeout: float = 5.0
+    # DESIGN §2.1 item 5: a name that must come back with AD.  The root is signed and every
+    # validating resolver has its trust anchor, so "." proves validation anywhere.
+    probe: str = "."
+    # DESIGN §3.4: how long a resolver outage may last before open streams whose evidence
+    # expired are re-judged closed.  5 minutes rides out a resolver restart or a brief
+    # upstream blip without tearing every stream down, and is still short against the hours
+    # a withdrawn TLSA record would otherwise keep a stream alive.
+    reverify_grace: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,22 @@ def _backend(v: Any) -> str:
     return v
 
 
+def _non_negative_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError("must be a number >= 0")
+    return float(v)
+
+
+def _probe_name(v: Any) -> str:
+    # No way to switch the probe off: without it a non-validating resolver silently turns
+    # DANE off (DESIGN §2.1 item 5).
+    from policy.dns import name_text, to_dns_name
+
+    if _str(v).strip() == "":
+        raise ValueError('must be a DNSSEC-signed name such as "."')
+    return name_text(to_dns_name(v))
+
+
 def _nameserver(v: Any) -> str:
     parse_hostport(_str(v), default_port=53)
     return v
@@ -205,7 +229,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
                                 "proxy_protocol": _bool, "websocket_listen": _list_of(_listen)}),
     "outbound": (OutboundConfig, {"listen": _list_of(_listen)}),
     "dns": (DnsConfig, {"nameservers": _list_of(_nameserver), "trust_ad_from": _list_of(_str),
-                        "timeout": _positive_number}),
+                        "timeout": _positive_number, "probe": _probe_name,
+                        "reverify_grace": _non_negative_number}),
     "policy": (PolicyConfig, {"dir": _str, "ca_file": _str}),
     "limits": (LimitsConfig, {"max_stanza_bytes": _positive_int, "handshake_timeout": _positive_number,
                               "max_connections": _positive_int}),

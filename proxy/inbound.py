@@ -599,6 +599,15 @@ class InboundSession:
             self._error("system-shutdown", text)
         return self._take()
 
+    def revoked(self, condition: str, text: str) -> list[Action]:
+        """DESIGN §3.4: a pair accepted earlier is no longer accepted after re-verification:
+        the backend's stream ends politely, the peer gets stream error `condition` with `text`."""
+        if self.closed:
+            return []
+        self._end_backend_stream()
+        self._error(condition, text)
+        return self._take()
+
     def _finish_drain(self, why: str) -> None:
         self._end_backend_stream()
         self._close(why, outcome="system-shutdown")
@@ -913,6 +922,7 @@ class InboundSettings:
     # proxy.posh_fetch.PoshFetcher for policies using POSH (RFC 7711); by default the one
     # `proxy.server.dns_evidence` attached to its evidence function (same resolver, same cache).
     posh: object | None = None
+    reverify: object | None = None             # proxy.reverify.Reverifier (DESIGN §3.4)
 
     def __post_init__(self) -> None:
         if not self.local_domains:
@@ -985,6 +995,7 @@ class InboundConnection:
         self.outcome = "internal-error"
         self.verdicts: list[tuple[str, object]] = []   # (domain, Verdict) in order
         self._peer_activity = trio.Event()   # set (and replaced) whenever the peer sends bytes
+        self._watched: list[object] = []   # proxy.reverify handles of accepted domains
 
     async def run(self) -> None:
         """Serve the connection to its end.  Never leaves a socket open; an unexpected
@@ -1028,6 +1039,8 @@ class InboundConnection:
                     await self._perform(self.session.stopped())
             raise
         finally:
+            for handle in self._watched:
+                self.settings.reverify.unwatch(handle)  # type: ignore[union-attr]
             await self._close_all()
             self._settle(escaped)
             extra = {}
@@ -1211,6 +1224,9 @@ class InboundConnection:
                 if len(self.verdicts) == 1:   # accept -> first verdict (DESIGN §6 histogram)
                     self.metrics.handshake("inbound", trio.current_time() - self.started)
                 self.metrics.verdict("inbound", verdict)
+            if verdict.accepted and self.settings.reverify is not None:
+                from proxy.reverify import watch_inbound
+                self._watched.append(watch_inbound(self, action.sender, verdict))
         await self._perform(self.session.verdict(action.sender, action.target, verdict.accepted, verdict.reason))
 
     async def _evaluate(self, domain: str):

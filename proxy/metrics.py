@@ -54,10 +54,10 @@ VERDICTS = ("accept", "reject")
 PROOFTYPES = ("dane-ee", "dane-ta", "pkix-ee", "pkix-ta", "pkix", "posh", "tls", "-")
 REASON_CATEGORIES = (
     "accepted", "blocked", "dnssec-bogus", "dns-timeout", "dane-mismatch", "no-tlsa",
-    "pkix-invalid", "name-mismatch", "no-certificate", "posh-failed", "other",
+    "pkix-invalid", "name-mismatch", "no-certificate", "posh-failed", "dns-unvalidated", "other",
 )
 DNS_RRTYPES = ("SRV", "TLSA", "A", "AAAA", "CNAME", "other")
-DNS_STATUSES = ("secure", "insecure", "bogus", "timeout")
+DNS_STATUSES = ("secure", "insecure", "bogus", "timeout", "unvalidated")
 DNS_SOURCES = ("resolver", "cache")
 RELAY_SOURCES = ("peer", "backend")
 
@@ -98,7 +98,9 @@ def reason_category(verdict) -> str:
         return "blocked"
     if reason.startswith("DNSSEC evidence failed"):
         detail = reason.split("(", 1)[-1]
-        return "dnssec-bogus" if "bogus" in detail else "dns-timeout"
+        if "bogus" in detail:
+            return "dnssec-bogus"
+        return "dns-unvalidated" if "is unvalidated" in detail else "dns-timeout"
     if "no certificate presented" in reason or "presented no certificate" in reason:
         return "no-certificate"
     if "no fallback to PKIX" in reason:
@@ -156,6 +158,14 @@ class Metrics:
         self.cert_expiry = Gauge(
             f"{PREFIX}_certificate_expiry_timestamp_seconds", "notAfter of each local "
             "domain's certificate, as Unix time (alert well before it).", ["domain"], registry=r)
+        self.reverifications = Counter(
+            f"{PREFIX}_reverifications", "Accepted pairs judged again when their evidence "
+            "expired or after a reload (DESIGN §3.4): kept, revoked (stream closed), or "
+            "deferred (resolver outage within dns.reverify_grace).", ["direction", "result"], registry=r)
+        self.dns_validating = Gauge(
+            f"{PREFIX}_dns_resolver_validating", "1 while the resolver answers dns.probe with "
+            "AD, 0 while it does not (insecure answers then count as unvalidated and reject).",
+            ["resolver"], registry=r)
         self.own_tlsa_match = Gauge(
             f"{PREFIX}_own_tlsa_match", "1 if the chain served for the domain matches its published "
             "usable TLSA records (or none are published), 0 if peers doing DANE reject it.",
@@ -221,6 +231,14 @@ class Metrics:
         self.dns_lookups.labels(_bounded(str(rrtype).upper(), DNS_RRTYPES),
                                 _bounded(str(status), DNS_STATUSES),
                                 "cache" if cached else "resolver").inc()
+
+    def reverification(self, direction: str, result: str) -> None:
+        self.reverifications.labels(_bounded(direction, DIRECTIONS),
+                                    _bounded(result, ("kept", "revoked", "deferred"))).inc()
+
+    def dns_probe(self, resolver: str, ok: bool) -> None:
+        """The DNSSEC probe's latest result for one configured resolver (DESIGN §2.1 item 5)."""
+        self.dns_validating.labels(resolver).set(1 if ok else 0)
 
     def handshake(self, direction: str, seconds: float) -> None:
         self.handshake_seconds.labels(_bounded(direction, DIRECTIONS)).observe(seconds)

@@ -405,6 +405,19 @@ class OutboundSession:
         self._finish(out, "ok")
         return out
 
+    def revoked(self, condition: str, text: str) -> Output:
+        """DESIGN §3.4: the peer is no longer accepted — a stream error to it saying what
+        changed, the backend's stream ended politely, the end."""
+        out = Output()
+        if self.state != "relaying":
+            return out
+        if not self.peer_closed:
+            out.to_peer += stream_error(condition, text)
+        if not self.backend_closed:
+            out.to_backend += STREAM_CLOSE
+        self._finish(out, condition)
+        return out
+
     def lost(self, outcome: str = "ok") -> None:
         """A connection broke while sending: the session is over."""
         self._finish(Output(), outcome)
@@ -435,6 +448,7 @@ class OutboundContext:
     close_timeout: float = CLOSE_TIMEOUT
     happy_eyeballs_delay: float = HAPPY_EYEBALLS_DELAY
     metrics: object | None = None   # proxy.metrics.Metrics
+    reverify: object | None = None  # proxy.reverify.Reverifier (DESIGN §3.4)
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -446,7 +460,9 @@ class OutboundContext:
         """Load policies, the trust store and the local certificates' paths from `config`
         (raises PolicyError / TrustStoreError / TlsConfigError on bad files)."""
         if resolver is None:
-            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+            from proxy.resolver import make_resolver
+
+            resolver = make_resolver(config.dns)
         if policies is None:
             policies = PolicySet.load(config.policy.dir or None)
         if trust is None:
@@ -539,6 +555,8 @@ class _Run:
         self.ctx = ctx
         self.backend_addr = backend_addr
         self.peer: trio.abc.Stream | None = None
+        self.connection = None   # the PeerConnection once a peer is accepted
+        self._watched = None     # its proxy.reverify handle while relaying
         self.peer_addr = "-"
         self._backend_lock = trio.Lock()
         self._peer_lock = trio.Lock()
@@ -660,6 +678,7 @@ class _Run:
             return None
         self.peer = connection.stream
         enable_keepalive(self.peer)
+        self.connection = connection
         self.peer_addr = connection.attempt.address or "-"
         if ctx.metrics is not None:
             ctx.metrics.handshake("outbound", time.monotonic() - self.started)
@@ -708,6 +727,9 @@ class _Run:
             assert self.peer is not None
             nursery.start_soon(pump, self.backend, session.backend_data, session.backend_eof)
             nursery.start_soon(pump, self.peer, session.peer_data, session.peer_eof)
+            if self.ctx.reverify is not None:   # DESIGN §3.4: judged again when evidence expires
+                from proxy.reverify import watch_outbound
+                self._watched = watch_outbound(self, nursery)
         return session.outcome or "ok"
 
     async def goodbye(self) -> str:
@@ -719,6 +741,9 @@ class _Run:
         return "system-shutdown"
 
     async def close_all(self) -> None:
+        if self._watched is not None:
+            self.ctx.reverify.unwatch(self._watched)  # type: ignore[union-attr]
+            self._watched = None
         with trio.CancelScope(shield=True):
             if self.peer is not None:
                 with trio.move_on_after(_GOODBYE_TIMEOUT):

@@ -23,6 +23,8 @@ from proxy.logsetup import configure_logging, log_event
 from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
 from proxy.own_tlsa import OwnTlsaGuard
 from proxy.outbound import OutboundContext, OutboundProxy, open_outbound_listeners
+from proxy.resolver import make_resolver, probe_periodically
+from proxy.reverify import Reverifier
 from proxy.reload import RuntimeState, StateHolder, reload_on_sighup
 from proxy.sdnotify import Notifier
 from proxy.inbound import InboundSettings
@@ -63,16 +65,19 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
     notifier = notifier or Notifier()
     metrics = Metrics()
     resolvers: list[Resolver] = []
+    reverifiers: list[Reverifier] = []
 
     def build(state: RuntimeState) -> Handlers:
         # One resolver for the process lifetime, so its cache survives reloads; a reload
         # that changes dns.* takes effect at the next restart (reported as a warning).
         if not resolvers:
             dns = state.config.dns
-            resolvers.append(Resolver(dns.nameservers, dns.trust_ad_from, dns.timeout,
-                                      on_lookup=lambda rdtype, status, cached:
-                                      metrics.dns_lookup(rdtype, status, cached=cached)))
-        return build_handlers(state, resolver=resolvers[0], metrics=metrics)
+            resolvers.append(make_resolver(dns, metrics=metrics))
+            # DESIGN §3.4: one registry of accepted pairs for the process lifetime.
+            reverifiers.append(Reverifier(grace=dns.reverify_grace, metrics=metrics))
+        handlers = build_handlers(state, resolver=resolvers[0], metrics=metrics)
+        handlers.inbound.reverify = handlers.outbound.reverify = reverifiers[0]
+        return handlers
 
     holder = StateHolder(config_path, build_tls=build, metrics=metrics)
     cfg = holder.state.config
@@ -103,13 +108,23 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         server.settings, server.config = new.tls.inbound, new.config
         outbound_proxy.context = new.tls.outbound
         configure_logging(new.config.log.level, new.config.log.format)
+        if nurseries:  # DESIGN §2.1 item 5: the DNSSEC probe is asked again on reload
+            nurseries[0].start_soon(resolvers[0].probe)
+        reverifiers[0].reload()   # DESIGN §3.4: every open pair is judged against the new policy
 
     holder.subscribe(swap)
+    nurseries: list[trio.Nursery] = []
     # Our own TLSA against the served chain: at start, on reload (with its veto) and daily.
     own_tlsa = OwnTlsaGuard(resolvers[0], metrics=metrics)
     holder.vet = own_tlsa.vet_reload
 
     async with trio.open_nursery() as nursery:
+        nurseries.append(nursery)
+        # The DNSSEC probe answers before the first stream is judged (DESIGN §2.1 item 5).
+        await nursery.start(probe_periodically, resolvers[0])
+        reverifiers[0].inbound_settings = lambda: server.settings
+        reverifiers[0].outbound_context = lambda: outbound_proxy.context
+        await nursery.start(reverifiers[0].run)
         await nursery.start(partial(server.serve, inbound_listeners=inbound, outbound_listeners=outbound,
                                     websocket_listeners=websocket))
         if metrics_listeners:

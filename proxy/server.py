@@ -91,9 +91,9 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
         trust = TrustStore.load(config.policy.ca_file or None)
     if evidence_for is None:
         if resolver is None:
-            from policy.dns import Resolver
+            from proxy.resolver import make_resolver
 
-            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+            resolver = make_resolver(config.dns)
         evidence_for = dns_evidence(resolver)
     return InboundSettings(
         certificates=certificates,
@@ -140,9 +140,9 @@ class ProxyServer:
         self.metrics = metrics
         self._evidence_for = evidence_for
         if evidence_for is None and resolver is None:
-            from policy.dns import Resolver
+            from proxy.resolver import make_resolver
 
-            resolver = Resolver(config.dns.nameservers, config.dns.trust_ad_from, config.dns.timeout)
+            resolver = make_resolver(config.dns)
         self.resolver = resolver
         # May be replaced at any time (e.g. by a reload); each connection keeps the one it
         # started with.

@@ -168,7 +168,7 @@ def send(world: World, peer: Peer, index: int) -> bool:
                 and b"db:result" not in got else "more than the header (!)")
         delivered = False
         outcome = (f"NOT delivered: the backend was sent {what} (no dialback key, no message); "
-                   f"the sender got an error bounce ({_condition(str(exc))})")
+                   f"the sender got an error bounce (Prosody's condition: {_condition(str(exc))})")
     say(f"    decision: {decision_line(world, peer.domain)}")
     say(f"    backend:  {outcome}")
     say()
@@ -188,6 +188,8 @@ def banner(world: World, *, once: bool) -> None:
     say(f"{BANNER}{'' if once else ' (the world keeps running until Ctrl-C)'}:")
     say(f"  {cli} check {GOOD} --nameserver {ns}")
     say(f"  {cli} check {BAD} --nameserver {ns}")
+    bad_chain = world.dir / BAD / "certs" / f"{BAD}.crt"    # what that peer presented (Prosody's file)
+    say(f"  {cli} check {BAD} --inbound --cert {bad_chain} --nameserver {ns}")
     say(f"  openssl s_client -starttls xmpp-server -connect {host}:{port} -xmpphost {HOME} "
         f"-CAfile {world.ca_file}")
     say(f"  curl -s http://{world.metrics}/metrics | grep verdicts_total")

@@ -3,7 +3,9 @@ unbound, all on loopback (DESIGN §7).
 
 Layout (keys generated fresh for every environment):
 
-    test.            signed; its DS is unbound's trust anchor
+    .                signed; its DS is unbound's trust anchor (so `dns.probe = "."` validates,
+                     as with a real resolver); it delegates test. with a DS
+    test.            signed; its DS is also `trust_anchor_text` (libunbound in Prosody tests)
     secure.test.     signed, DS in test.            -> answers come back with AD (secure)
     insecure.test.   unsigned, delegated without DS -> answers without AD (insecure)
     bogus.test.      signed, DS in test. matches a key the zone does not have -> SERVFAIL (bogus)
@@ -13,7 +15,14 @@ re-signed, nsd reloads it, and unbound's cache for that zone is flushed, so the 
 the new data.  `publish(..., broken_signature=True)` corrupts the RRSIGs of one RRset in a
 signed zone, for a bogus RRset inside an otherwise secure zone.  `blackhole` is the address of a
 "resolver" that never answers (a UDP socket nobody reads and a TCP listener nobody accepts), for
-the `timeout` status.
+the `timeout` status.  `nonvalidating_address` starts (on first use) a second unbound over the
+same zones with validation off — a resolver that never sets AD, for `dns.probe` tests — and
+`stop_validating_resolver()`/`start_validating_resolver()` take the validating one away and back
+(a resolver outage).
+
+A TLSA record that dnspython would refuse (a digest of the wrong length) is published with
+`malformed_tlsa(usage, selector, mtype, data)`: it writes RFC 3597 generic rdata, which nsd
+serves and unbound validates like any other record.
 
 Use the session fixture `dns_env` in pytest, or `with dns_environment() as env:` anywhere else
 (e.g. a benchmark).  Both stop nsd and unbound (whole process groups) on the way out, also when
@@ -59,7 +68,9 @@ except ImportError:  # pragma: no cover
 
 from policy.tlsa import record_for
 
+DNS_ROOT = "."
 ROOT_ZONE = "test"
+REFUSED_ZONE = "refused.test"
 SECURE_ZONE = "secure.test"
 INSECURE_ZONE = "insecure.test"
 BOGUS_ZONE = "bogus.test"
@@ -132,7 +143,7 @@ class _Zone:
 
     @property
     def file_name(self) -> str:
-        return f"{self.text}.zone"
+        return "root.zone" if self.origin == dns.name.root else f"{self.text}.zone"
 
     def render(self) -> dns.zone.Zone:
         zone = dns.zone.Zone(self.origin, relativize=False)
@@ -143,10 +154,7 @@ class _Zone:
             )
             txn.add(self.origin, SOA_MINIMUM, soa)
             for (name, rdtype), (ttl, texts) in self.rrsets.items():
-                rdatas = [
-                    dns.rdata.from_text(dns.rdataclass.IN, rdtype, t, origin=self.origin)
-                    for t in texts
-                ]
+                rdatas = [_rdata(rdtype, t, self.origin) for t in texts]
                 txn.add(dns.rrset.from_rdata_list(name, ttl, rdatas))
         if self.signed:
             now = _dt.datetime.now(_dt.timezone.utc)
@@ -157,6 +165,22 @@ class _Zone:
             for name, rdtype in self.broken:
                 _corrupt_signatures(zone, name, rdtype)
         return zone
+
+
+def _rdata(rdtype: int, text: str, origin: dns.name.Name) -> dns.rdata.Rdata:
+    # RFC 3597 generic form ("\\# LEN HEX") is kept as raw bytes, so a record dnspython's
+    # type-specific parser would refuse (a malformed TLSA) can still be signed and served.
+    if text.startswith("\\#"):
+        _, _length, *hexdata = text.split()
+        return dns.rdata.GenericRdata(dns.rdataclass.IN, rdtype, bytes.fromhex("".join(hexdata)))
+    return dns.rdata.from_text(dns.rdataclass.IN, rdtype, text, origin=origin)
+
+
+def malformed_tlsa(usage: int, selector: int, mtype: int, data: bytes) -> str:
+    """TLSA rdata in RFC 3597 generic form, for records whose data does not fit the matching
+    type (e.g. 20 bytes for SHA2-256): publishable with `DnsEnv.publish`."""
+    raw = bytes((usage, selector, mtype)) + data
+    return f"\\# {len(raw)} {raw.hex()}"
 
 
 def _corrupt_signatures(zone: dns.zone.Zone, name: dns.name.Name, rdtype: int) -> None:
@@ -258,6 +282,8 @@ class DnsEnv:
         self.startup_seconds = 0.0
         self._nsd: subprocess.Popen | None = None
         self._unbound: subprocess.Popen | None = None
+        self._plain: subprocess.Popen | None = None
+        self._plain_port = 0
         self._blackhole_socks: list[socket.socket] = []
         self._counter = itertools.count(1)
         self._zones: dict[dns.name.Name, _Zone] = {}
@@ -314,8 +340,10 @@ class DnsEnv:
             sock.close()
         self._blackhole_socks.clear()
         try:
+            _kill_group(self._plain)
             _kill_group(self._unbound)
         finally:
+            self._plain = None
             self._unbound = None
             try:
                 _kill_group(self._nsd)
@@ -333,14 +361,19 @@ class DnsEnv:
     # -- zones -------------------------------------------------------------------------------
 
     def _build_zones(self) -> None:
+        top = _Zone(dns.name.root, signed=True, key=_new_key())
         root = _Zone(_abs(ROOT_ZONE), signed=True, key=_new_key())
         secure = _Zone(_abs(SECURE_ZONE), signed=True, key=_new_key())
         insecure = _Zone(_abs(INSECURE_ZONE), signed=False)
         bogus = _Zone(_abs(BOGUS_ZONE), signed=True, key=_new_key())
         stray_private, stray_dnskey = _new_key()  # its DS goes into test., the key nowhere
-        for zone in (root, secure, insecure, bogus):
+        for zone in (top, root, secure, insecure, bogus):
             zone.rrsets[(zone.origin, dns.rdatatype.NS)] = (DEFAULT_TTL, [NS_HOST])
             self._zones[zone.origin] = zone
+        top.rrsets[(root.origin, dns.rdatatype.NS)] = (DEFAULT_TTL, [NS_HOST])
+        top.rrsets[(root.origin, dns.rdatatype.DS)] = (
+            DEFAULT_TTL, [dns.dnssec.make_ds(root.origin, root.key[1], "SHA256").to_text()]
+        )
         root.rrsets[(_abs(NS_HOST), dns.rdatatype.A)] = (DEFAULT_TTL, ["127.0.0.1"])
         for child in (secure, insecure, bogus):
             root.rrsets[(child.origin, dns.rdatatype.NS)] = (DEFAULT_TTL, [NS_HOST])
@@ -352,6 +385,7 @@ class DnsEnv:
             DEFAULT_TTL, [dns.dnssec.make_ds(bogus.origin, stray_dnskey, "SHA256").to_text()]
         )
         self.trust_anchor = dns.dnssec.make_ds(root.origin, root.key[1], "SHA256")
+        self.root_trust_anchor = dns.dnssec.make_ds(top.origin, top.key[1], "SHA256")
 
     def _zone_for(self, name: dns.name.Name) -> _Zone:
         best = None
@@ -501,6 +535,8 @@ class DnsEnv:
                     raise DnsEnvError(f"nsd did not load serial {zone.serial} of {zone.text}; "
                                       f"see {self.dir / 'nsd.log'}")
                 time.sleep(POLL_INTERVAL)
+        if self._unbound is None:
+            return  # the validating resolver is stopped; it starts with an empty cache
         for zone in dirty:
             self._control("unbound-control", self.dir / "unbound.conf", "flush_zone", zone.origin.to_text())
         self._control("unbound-control", self.dir / "unbound.conf", "flush_bogus")
@@ -525,10 +561,10 @@ class DnsEnv:
     # -- queries (synchronous, for readiness checks and debugging) ---------------------------
 
     def query(
-        self, name: str, rdtype: str, *, via: str = "unbound", timeout: float = 1.0
+        self, name: str, rdtype: str, *, via: str = "unbound", timeout: float = 1.0, port: int = 0,
     ) -> dns.message.Message:
-        """Ask unbound (default) or nsd directly; DO bit set."""
-        port = self.unbound_port if via == "unbound" else self.nsd_port
+        """Ask unbound (default), nsd, or any `port` on 127.0.0.1 directly; DO bit set."""
+        port = port or (self.unbound_port if via == "unbound" else self.nsd_port)
         q = dns.message.make_query(name, rdtype, want_dnssec=True, flags=dns.flags.RD | dns.flags.AD)
         return dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
 
@@ -549,7 +585,7 @@ class DnsEnv:
     # -- processes ---------------------------------------------------------------------------
 
     def _check_alive(self) -> None:
-        for name, proc in (("nsd", self._nsd), ("unbound", self._unbound)):
+        for name, proc in (("nsd", self._nsd), ("unbound", self._unbound), ("unbound-plain", self._plain)):
             if proc is not None and proc.poll() is not None:
                 text = "".join(
                     path.read_text(errors="replace")[-2000:]
@@ -613,17 +649,33 @@ remote-control:
         root = self._zones[_abs(ROOT_ZONE)]
         self._wait_ready("nsd", lambda: self._serial_at(self.nsd_port, root.origin) == root.serial)
 
-    def _start_unbound(self) -> None:
-        self.unbound_port = free_port()
+    def _unbound_conf(self, name: str, port: int, *, validating: bool) -> Path:
+        """Write unbound's config: stubs for every test zone at nsd; validation from the
+        root trust anchor, or (validating=False) an iterator alone that never sets AD."""
         stubs = "".join(
             f'stub-zone:\n    name: "{z.origin}"\n    stub-addr: 127.0.0.1@{self.nsd_port}\n'
             for z in self._zones.values()
         )
-        conf = self.dir / "unbound.conf"
+        if validating:
+            validation = f"""\
+    val-log-level: 2
+    module-config: "validator iterator"
+    trust-anchor: "{DNS_ROOT} DS {self.root_trust_anchor.to_text()}"
+"""
+        else:
+            # A plain forwarder/recursor without DNSSEC (what dnsmasq or a resolver without a
+            # trust anchor is): answers everything, never AD.  No cache, so every publish is
+            # seen at once without a flush.
+            validation = """\
+    module-config: "iterator"
+    cache-max-ttl: 0
+    cache-max-negative-ttl: 0
+"""
+        conf = self.dir / f"{name}.conf"
         conf.write_text(f"""\
 server:
-    interface: 127.0.0.1@{self.unbound_port}
-    port: {self.unbound_port}
+    interface: 127.0.0.1@{port}
+    port: {port}
     do-ip4: yes
     do-ip6: no
     do-udp: yes
@@ -634,21 +686,20 @@ server:
     username: ""
     chroot: ""
     directory: "{self.dir}"
-    pidfile: "{self.dir}/unbound.pid"
+    pidfile: "{self.dir}/{name}.pid"
     use-syslog: no
-    logfile: "{self.dir}/unbound.log"
+    logfile: "{self.dir}/{name}.log"
     verbosity: 1
-    val-log-level: 2
     log-servfail: yes
     ede: yes
-    module-config: "validator iterator"
-    trust-anchor: "{self.trust_anchor_text}"
+{validation}\
     # nsd runs on loopback; unbound refuses to query 127.0.0.0/8 unless told otherwise.
     do-not-query-localhost: no
     # unbound ships "test." as a blocked special-use name (RFC 6761); serve it normally.
     local-zone: "test." transparent
-    # Nothing outside the test hierarchy is ever resolved: no traffic leaves loopback.
-    local-zone: "." refuse
+    # One name the resolver refuses (REFUSED, for the "bogus" of a non-NOERROR answer).
+    local-zone: "{REFUSED_ZONE}." refuse
+    # The root is a stub at nsd too, so nothing is ever resolved outside loopback.
     outgoing-interface: 127.0.0.1
     # New names are published while unbound runs; never synthesise NXDOMAIN from old NSECs.
     aggressive-nsec: no
@@ -656,21 +707,58 @@ server:
     prefetch: no
 remote-control:
     control-enable: yes
-    control-interface: "{self.dir}/unbound.ctl"
+    control-interface: "{self.dir}/{name}.ctl"
     control-use-cert: no
 {stubs}""")
         check = subprocess.run([_tool("unbound-checkconf"), str(conf)], capture_output=True, text=True)
         if check.returncode != 0:
             raise DnsEnvError(f"unbound-checkconf: {check.stdout}{check.stderr}")
+        return conf
+
+    def _start_unbound(self, port: int = 0) -> None:
+        self.unbound_port = port or free_port()
+        conf = self._unbound_conf("unbound", self.unbound_port, validating=True)
         self._unbound = _spawn([_tool("unbound"), "-d", "-c", str(conf)], self.dir / "unbound.stderr")
+
         def validated() -> bool:
             try:
-                r = self.query(ROOT_ZONE + ".", "SOA", timeout=PROBE_TIMEOUT)
+                r = self.query(DNS_ROOT, "SOA", timeout=PROBE_TIMEOUT)
             except (dns.exception.Timeout, OSError):
                 return False
             return r.rcode() == dns.rcode.NOERROR and bool(r.flags & dns.flags.AD)
 
         self._wait_ready("unbound", validated)
+
+    def stop_validating_resolver(self) -> None:
+        """Take the validating unbound away (a resolver outage): its port stops answering
+        (ICMP unreachable) until `start_validating_resolver()`."""
+        _kill_group(self._unbound)
+        self._unbound = None
+
+    def start_validating_resolver(self) -> None:
+        """Bring the validating unbound back on the same port (with an empty cache)."""
+        if self._unbound is None:
+            self._start_unbound(self.unbound_port)
+
+    @property
+    def nonvalidating_address(self) -> str:
+        """A resolver over the same zones that never validates (never sets AD), as
+        "127.0.0.1:PORT"; started on first use, stopped with the environment."""
+        if self._plain is None:
+            port = free_port()
+            conf = self._unbound_conf("unbound-plain", port, validating=False)
+            self._plain = _spawn([_tool("unbound"), "-d", "-c", str(conf)], self.dir / "unbound-plain.stderr")
+            self._plain_port = port
+
+            def answers() -> bool:
+                try:
+                    r = self.query(ROOT_ZONE + ".", "SOA", port=port, timeout=PROBE_TIMEOUT)
+                except (dns.exception.Timeout, OSError):
+                    return False
+                return r.rcode() == dns.rcode.NOERROR
+
+            self._wait_ready("unbound (non-validating)", answers)
+        return f"127.0.0.1:{self._plain_port}"
 
     @property
     def trust_anchor_text(self) -> str:

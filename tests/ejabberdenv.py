@@ -354,8 +354,12 @@ class EjabberdServer:
         pending = {self.c2s_port, self.s2s_port}
         while True:
             if self.process.poll() is not None:
+                hint = ""
+                if re.search(r"unshare failed|mount: .*(denied|not permitted)", self.stdout_text()):
+                    hint = ("(the private mount namespace for /etc/hosts and /etc/resolv.conf needs root or "
+                            "CAP_SYS_ADMIN: `unshare -m` and `mount --bind`)\n")
                 raise EjabberdError(
-                    f"ejabberd exited with status {self.process.returncode} during startup\n" + self._diagnostics())
+                    f"ejabberd exited with status {self.process.returncode} during startup\n{hint}" + self._diagnostics())
             if READY_MARKER in self.stdout_text() and STARTED.search(self.log_text()):
                 for port in list(pending):
                     try:

@@ -360,9 +360,15 @@ class RunningProxy:
         self._logger.addHandler(self._handler)
         # Debug too: tests may look at per-stream lines (event=tls, ...), not only decisions.
         self._logger.setLevel(logging.DEBUG)
+        # With `outbound.listen` set, the outbound side runs too, as `proxy.runner` runs it.
+        outbound_handler = None
+        if self.config.outbound.listen:
+            from proxy.outbound import OutboundProxy
+            outbound_handler = OutboundProxy(self.config)
         try:
             self.listening = self._loop.start(
-                functools.partial(serve, self.config, evidence_for=self.evidence_for))
+                functools.partial(serve, self.config, evidence_for=self.evidence_for,
+                                  outbound_handler=outbound_handler))
         except BaseException:
             self.__exit__(None, None, None)
             raise

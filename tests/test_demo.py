@@ -96,6 +96,11 @@ def test_demo_shows_accept_and_reject_then_cleans_up_on_ctrl_c():
         metrics = re.search(r"curl -s (http://127\.0\.0\.1:\d+/metrics)", out).group(1)
         assert ns and metrics
         assert ":5269 " not in out   # the demo never needs the well-known port
+        # The banner's inbound check explains the reject with the chain that peer presented.
+        command = re.search(r"^\s+(\S+xmpp-dane-proxy check dane-mismatch\.secure\.test --inbound .*)$", out, re.M).group(1)
+        check = subprocess.run(command.split(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert "no usable TLSA record matches" in check.stdout, check.stdout
 
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=STOP_TIMEOUT)

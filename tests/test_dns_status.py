@@ -123,8 +123,8 @@ def test_environment_starts_quickly(dns_env):
 
 
 def test_refused_by_resolver_is_bogus(dns_env):
-    # The test unbound refuses everything outside test. (it never leaves loopback).
-    answer = lookup(dns_env.resolver(), "example.org", "A")
+    # The test unbound refuses everything under refused.test. (tests/dnsenv.py).
+    answer = lookup(dns_env.resolver(), "x.refused.test", "A")
     assert answer.status is BOGUS and "REFUSED" in answer.reason
 
 

@@ -6,8 +6,8 @@
   the test resolver; two peer-mode nodes federate over STARTTLS with test-PKI certificates,
   with dialback and, for an EXTERNAL-only node, with SASL EXTERNAL;
 * end to end through the proxy's inbound side (RunningProxy, in-process): an ejabberd peer
-  delivers to a Prosody backend and to an ejabberd backend, authenticated by dialback, the
-  proxy's verdict DANE-EE.
+  delivers to a Prosody backend and to an ejabberd backend, and a Prosody peer to an ejabberd
+  backend, authenticated by dialback, the proxy's verdict DANE-EE.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ OTHER_IP = "127.0.4.13"
 
 CA = TestCA("ejabberdenv Test Root")
 # Certificates that ejabberd verifies carry dNSName SANs only: an id-on-xmppAddr SAN crashes
-# ejabberd 23.01's certificate check (xmpp 1.6.1, xmpp_stream_pkix:get_domains_from_san/1
-# returns a binary where flatmap needs a list: badarg), which kills the stream.
+# ejabberd 23.01's SASL EXTERNAL certificate check (xmpp 1.6.1,
+# xmpp_stream_pkix:get_domains_from_san/1 returns a binary where flatmap needs a list: badarg),
+# which kills the stream.
 
 
 def _gone(pid: int) -> bool:
@@ -159,9 +160,11 @@ def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file, backend, domain: s
     return relay, proxy
 
 
-@pytest.mark.parametrize("backend_kind", ["prosody", "ejabberd"])
-def test_ejabberd_peer_through_the_proxy_to_a_backend(ejabberd_factory, prosody_factory, dns_env, ca_file, tmp_path,
-                                                      backend_kind):
+@pytest.mark.parametrize("peer_kind,backend_kind", [("ejabberd", "prosody"), ("ejabberd", "ejabberd"),
+                                                   ("prosody", "ejabberd")])
+def test_peer_through_the_proxy_to_a_backend(ejabberd_factory, prosody_factory, dns_env, ca_file, tmp_path,
+                                             peer_kind, backend_kind):
+    # (Prosody -> Prosody is tests/test_inbound_prosody.py's.)
     peer_domain = dns_env.fresh(dns_env.secure, "ejp")
     domain = dns_env.fresh(dns_env.secure, "b")
     peer_cert = CA.issue([peer_domain])
@@ -181,10 +184,16 @@ def test_ejabberd_peer_through_the_proxy_to_a_backend(ejabberd_factory, prosody_
                                    nameserver=dns_env.resolver_address, etc_hosts={f"xmpp.{peer_domain}": PEER_IP})
     with ExitStack() as stack:
         relay, proxy = _site(stack, tmp_path, dns_env, ca_file, backend, domain, peer_domain)
-        peer = ejabberd_factory(
-            [EjabberdHost(peer_domain, cert=peer_cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
-            s2s_port=peer_port, ca_file=ca_file, nameserver=dns_env.resolver_address,
-            etc_hosts={f"xmpp.{domain}": PROXY_IP})
+        if peer_kind == "ejabberd":
+            peer = ejabberd_factory(
+                [EjabberdHost(peer_domain, cert=peer_cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
+                s2s_port=peer_port, ca_file=ca_file, nameserver=dns_env.resolver_address,
+                etc_hosts={f"xmpp.{domain}": PROXY_IP})
+        else:
+            peer = prosody_factory(
+                [VirtualHost(peer_domain, cert=peer_cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
+                s2s_port=peer_port, ca_file=ca_file,
+                dns=ProsodyDns.validating(dns_env.resolver_address, dns_env.trust_anchor_text))
 
         got = deliver_message(peer.account(f"{USER}@{peer_domain}", PASSWORD),
                               backend.account(f"{USER}@{domain}", PASSWORD), "ejabberd through the proxy",
@@ -203,4 +212,8 @@ def test_ejabberd_peer_through_the_proxy_to_a_backend(ejabberd_factory, prosody_
         assert b"db:result" in upstream and b"ejabberd through the proxy" in upstream
         assert re.search(rb"<db:result[^>]*type=['\"]valid['\"]", downstream), downstream
         # The peer authenticated its stream by dialback: the proxy offered it no SASL.
-        peer.wait_for_log(rf"Accepted outbound s2s dialback authentication {peer_domain} -> {domain} \(")
+        if peer_kind == "ejabberd":
+            peer.wait_for_log(rf"Accepted outbound s2s dialback authentication {re.escape(peer_domain)} -> "
+                              rf"{re.escape(domain)} \(")
+        else:
+            peer.wait_for_log(rf"Outgoing s2s connection {re.escape(peer_domain)}->{re.escape(domain)} complete")

@@ -112,7 +112,7 @@ def test_server_starts_fast_and_leaves_nothing_behind():
         assert server.startup_seconds < 5, server.startup_seconds
         socket.create_connection(server.c2s_addr, timeout=2).close()
         socket.create_connection(server.s2s_addr, timeout=2).close()
-        assert "Activated service 'c2s'" in server.log_text()
+        server.wait_for_log("Activated service 'c2s'")  # logged just after the port is bound
         config = server.config_path.read_text()
         assert "s2s_require_encryption = false" in config and "s2s_secure_auth = false" in config
     assert _gone(pid)

@@ -202,9 +202,10 @@ def notify_socket(tmp_path):
 
 def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noqa: F811
     """One proxy lifetime: READY=1; an accepted stream; SIGHUP with a broken policy (nothing
-    changes, the location is logged); SIGHUP with `block` (the next verdict changes while the
-    open stream keeps flowing); metrics count both; SIGTERM mid-stream delivers what was
-    received, says system-shutdown, STOPPING=1, exit 0."""
+    changes, the location is logged); SIGHUP with `block` (the next verdict changes, and the
+    open stream is judged again and closed: DESIGN §3.4); SIGHUP back to DANE, a new stream;
+    metrics count all of it; SIGTERM mid-stream delivers what was received, says
+    system-shutdown, STOPPING=1, exit 0."""
     listen_port, metrics_port = free_port(), free_port()
     policy_file = tmp_path / "policy.d" / f"{PEER}.toml"
 
@@ -238,7 +239,8 @@ def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noq
                 assert answer.attrs.get("type") == "valid", "\n".join(proxy.lines)
                 await second.aclose()
 
-                # SIGHUP with `block`: the next verdict changes, the open stream flows on.
+                # SIGHUP with `block`: the next verdict changes, and the open stream is judged
+                # again against the new policy and closed (DESIGN §3.4).
                 policy_file.write_text('require = "block"\n')
                 mark = len(proxy.lines)
                 proxy.signal(signal.SIGHUP)
@@ -248,19 +250,38 @@ def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noq
                 assert answer.attrs.get("type") == "error" and b"blocked" in third.received
                 await third.aclose()
                 await proxy.wait_log(r"event=decision .*verdict=reject .*blocked", after=mark)
-                await first.send(f"<message from='{PEER}' to='{LOCAL}'><body>two</body></message>")
-                await backend.wait_for(backend_saw(backend, b"<body>two</body>"))
+                await proxy.wait_log(r'event=decision .*verdict=reject .*reason="re-verification: .*blocked', after=mark)
+                error = await first.expect(Element)
+                assert error.is_(NS_STREAMS, "error") and error.find(NS_STREAM_ERRORS, "policy-violation") is not None
+                assert b"re-verification: " in error.raw
+                await first.until_closed()
+                await backend.wait_for(lambda: backend.connections[0].closed)
+                assert bytes(backend.connections[0].received).endswith(b"</stream:stream>")
                 # The rejected stream's dialback never reached the backend.
                 assert sum(bytes(c.received).count(b"<db:result") for c in backend.connections) == 2
 
+                # Back to DANE: a new stream is accepted (it carries the rest of the test).
+                policy_file.write_text(dane_policy(world))
+                mark = len(proxy.lines)
+                proxy.signal(signal.SIGHUP)
+                await notify_socket.wait_for("READY=1")
+                await proxy.wait_log(r"reloaded", after=mark)
+                first, answer = await authenticate(listen_port, world.peer_self,
+                                                   message=f"<message from='{PEER}' to='{LOCAL}'><body>two</body></message>")
+                assert answer.attrs.get("type") == "valid", "\n".join(proxy.lines)
+                await backend.wait_for(backend_saw(backend, b"<body>two</body>"))
+
                 text = await scrape(metrics_port)
                 assert metric(text, "xmpp_dane_proxy_verdicts_total", direction="inbound",
-                              verdict="accept", prooftype="dane-ee") == 2
+                              verdict="accept", prooftype="dane-ee") == 3
+                # The third stream's verdict and the re-verification of the first.
                 assert metric(text, "xmpp_dane_proxy_verdicts_total", direction="inbound",
-                              verdict="reject", reason="blocked") == 1
+                              verdict="reject", reason="blocked") == 2
+                assert metric(text, "xmpp_dane_proxy_reverifications_total", direction="inbound",
+                              result="revoked") == 1
                 assert metric(text, "xmpp_dane_proxy_config_reloads_total", result="failure") == 1
-                # The start-up load counts as a successful load, then the second SIGHUP.
-                assert metric(text, "xmpp_dane_proxy_config_reloads_total", result="success") == 2
+                # The start-up load counts as a successful load, then two more SIGHUPs.
+                assert metric(text, "xmpp_dane_proxy_config_reloads_total", result="success") == 3
 
                 # SIGTERM right after a stanza: the peer gets system-shutdown and the end of our
                 # stream; what it sent before it saw that (the stanza in flight, and one more)
@@ -274,7 +295,7 @@ def test_reload_drain_notify_and_metrics(world, tmp_path, notify_socket):  # noq
                 await first.send(f"<message from='{PEER}' to='{LOCAL}'><body>in flight</body></message></stream:stream>")
                 await first.until_closed()
                 assert await proxy.exit_code() == 0
-                received = bytes(backend.connections[0].received)
+                received = bytes(backend.connections[-1].received)
                 assert received.endswith(b"<body>last words</body></message>"
                                          + f"<message from='{PEER}' to='{LOCAL}'><body>in flight</body></message>".encode()
                                          + b"</stream:stream>")

@@ -98,8 +98,15 @@ class LimitsConfig:
     # 256 KiB per stanza: ejabberd's and xmpp-proxy's default max_stanza_size.
     max_stanza_bytes: int = 262144
     # 30 s: Prosody's and ejabberd's default for negotiating a stream before it is dropped.
+    # It runs from accept until the backend confirms the first domain pair (DESIGN §3.1).
     handshake_timeout: float = 30.0
+    # Seconds without a byte from an authenticated peer; 0 = off (the default), because S2S
+    # streams legitimately sit idle for hours and both Prosody and ejabberd already close idle
+    # s2s streams themselves (ejabberd's s2s_timeout is 10 min; Prosody pings and closes).
+    idle_timeout: float = 0.0
     max_connections: int = 10000
+    # Connections not yet authenticated; 0 = max_connections // 4 (proxy/admission.py says why).
+    max_unauthenticated: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,18 @@ def _positive_number(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
         raise ValueError("must be a positive number")
     return float(v)
+
+
+def _non_negative_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf"):
+        raise ValueError("must be a number >= 0 (0 = off)")
+    return float(v)
+
+
+def _non_negative_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be an integer >= 0")
+    return v
 
 
 def _positive_int(v: Any) -> int:
@@ -233,7 +252,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
                         "reverify_grace": _non_negative_number}),
     "policy": (PolicyConfig, {"dir": _str, "ca_file": _str}),
     "limits": (LimitsConfig, {"max_stanza_bytes": _positive_int, "handshake_timeout": _positive_number,
-                              "max_connections": _positive_int}),
+                              "idle_timeout": _non_negative_number, "max_connections": _positive_int,
+                              "max_unauthenticated": _non_negative_int}),
     "metrics": (MetricsConfig, {"listen": _optional_listen}),
     "log": (LogConfig, {"level": _one_of("debug", "info", "warning", "error"),
                         "format": _one_of("text", "json")}),

@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 
 import trio
 
+from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
-from proxy.bounce import elements_in, error_reply, needs_error_reply
+from proxy.admission import UnauthenticatedSlot
+from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
 from proxy.config import parse_hostport
 from proxy.fdlimit import out_of_resources
+from proxy.gate import Passage, Refusal, Stage, admit, describe
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
 from proxy.streamerrors import StreamError
@@ -61,7 +64,6 @@ NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 # a SASL exchange would authenticate them past the gate.  Bidirectional streams (XEP-0288)
 # would carry the backend's outgoing traffic past the outbound verification (DESIGN §3.2).
 _WITHHELD = frozenset({(NS_TLS, "starttls"), (NS_SASL, "mechanisms"), (NS_BIDI_FEATURE, "bidi")})
-_STANZAS = frozenset({"message", "presence", "iq"})
 _XML_DECL = b"<?xml version='1.0'?>"
 _PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 _FEATURES_STARTTLS = (
@@ -81,6 +83,7 @@ _OUTCOME_OF_CONDITION = {
     "bad-format": "not-well-formed", "bad-namespace-prefix": "not-well-formed",
     "invalid-namespace": "not-well-formed", "unsupported-encoding": "not-well-formed",
     "improper-addressing": "invalid-from", "internal-server-error": "remote-connection-failed",
+    "unsupported-stanza-type": "policy-violation",
 }
 # Metronome closes a stream after 10 dialback failures; a peer that keeps asserting domains
 # it cannot prove is probing, and each attempt costs DNS lookups.
@@ -119,7 +122,15 @@ class ConnectBackend:
 
 @dataclass(frozen=True)
 class Negotiated:
-    """The stream is up (TLS, restarted header, backend): the handshake timeout ends here."""
+    """The stream is up (TLS, restarted header, backend).  Informational: the handshake
+    timeout runs on until `Authenticated` (DESIGN §3.1 Deadlines)."""
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The backend confirmed the first domain pair (`<db:result type='valid'>`): the handshake
+    timeout ends here, `limits.idle_timeout` starts, and the connection no longer counts
+    against `limits.max_unauthenticated`."""
 
 
 @dataclass(frozen=True)
@@ -156,34 +167,37 @@ class Close:
     outcome: str = "ok"
 
 
-Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | CheckDialback | PeerDone
-          | PeerGrace | Close)
+Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | Authenticated | CheckDialback
+          | PeerDone | PeerGrace | Close)
 
 
 # ================================================================================ helpers
 
-# RFC 7622 §3.2: a domainpart is at most 1023 octets.  Longer "domains" (a peer can send up
-# to max_stanza_bytes in one attribute) are compared verbatim and never reach the IDNA code
-# or its cache.
-_MAX_DOMAIN_CHARS = 1023
 # Reasons quote peer data (domains, element names); a peer must not make us log megabytes.
 _MAX_REASON_CHARS = 600
 
 
-@functools.lru_cache(maxsize=4096)
-def _idna_domain(name: str) -> str:
-    return normalise_domain(name)
-
-
 def _domain(name: str) -> str:
-    """`normalise_domain`, with an ASCII fast path (per stanza) and a bound on length."""
-    if name.isascii():
-        # What normalise_domain yields for ASCII: IDNA leaves LDH labels as they are, and
-        # names it rejects are compared lower-cased anyway.
-        return name.strip().rstrip(".").lower()
-    if len(name) > _MAX_DOMAIN_CHARS:
-        return name.lower()
-    return _idna_domain(name)
+    """The one reading of `name` (DESIGN §2.6, `policy.domain_reading`): lower-case A-labels.
+    Raises `DomainReadingError` when backends could read it as another domain than we do."""
+    return read_domain(name)
+
+
+def _local_domain(name: str) -> str:
+    # Configured names come from the operator; one whose readings differ can never match a
+    # peer's (those are refused), so its UTS #46 form is as good as any.
+    try:
+        return read_domain(name)
+    except DomainReadingError:
+        return normalise_domain(name)
+
+
+def _unreadable(name: str) -> bool:
+    try:
+        _domain(name)
+        return False
+    except DomainReadingError:
+        return True
 
 
 def _clip(text: str) -> str:
@@ -192,33 +206,29 @@ def _clip(text: str) -> str:
 
 @functools.lru_cache(maxsize=4096)   # every stanza's from/to; few distinct JIDs per stream
 def jid_domain(jid: str) -> str:
-    """The domainpart of a JID (RFC 7622 §3.2), normalised: `user@Example.org/res` -> `example.org`.
-
-    The resourcepart may contain '@' and '/', the localpart neither, so cut at the first '/'
-    and then take what follows the '@' (if any).
-    """
-    bare = jid.partition("/")[0]
-    local, at, domain = bare.partition("@")
-    return _domain(domain if at else local)
+    """The domainpart of a JID (RFC 7622 §3.2) in its one reading: `user@Example.org/res` ->
+    `example.org`.  Raises `DomainReadingError` (DESIGN §2.6)."""
+    return read_domain(domainpart(jid))
 
 
-def dialback_error(sender: str, target: str, condition: str, text: str) -> bytes:
-    """`<db:result type='error'>` (XEP-0220 §2.4) from our `target` to the peer's `sender`.
+def dialback_error(sender: str, target: str, condition: str, text: str, *, name: str = "result",
+                   id: str | None = None) -> bytes:
+    """`<db:result type='error'>` (XEP-0220 §2.4) from our `target` to the peer's `sender`
+    (`name="verify"` and its `id` for a `<db:verify>`).
 
     The element declares the dialback prefix itself: it must not depend on which prefixes
     the backend's stream header happened to declare.
     """
+    id_attr = f" id={xml_attr(id)}" if id is not None else ""
     return (
-        f"<db:result xmlns:db={xml_attr(NS_DIALBACK)} from={xml_attr(target)} to={xml_attr(sender)} type='error'>"
-        f"<error type='cancel'><{condition} xmlns={xml_attr(NS_STANZA_ERRORS)}/>"
-        f"<text xmlns={xml_attr(NS_STANZA_ERRORS)} xml:lang='en'>{xml_text(text)}</text></error></db:result>"
+        f"<db:{name} xmlns:db={xml_attr(NS_DIALBACK)} from={xml_attr(target)} to={xml_attr(sender)}{id_attr} "
+        f"type='error'><error type='cancel'><{condition} xmlns={xml_attr(NS_STANZA_ERRORS)}/>"
+        f"<text xmlns={xml_attr(NS_STANZA_ERRORS)} xml:lang='en'>{xml_text(text)}</text></error></db:{name}>"
     ).encode("utf-8")
 
 
 def _describe(element: Node) -> str:
-    prefix = {NS_SERVER: "", NS_DIALBACK: "db:", NS_STREAMS: "stream:"}.get(element.ns)
-    return f"<{element.name}>" if prefix == "" else (
-        f"<{prefix}{element.name}>" if prefix else f"<{element.name} xmlns='{element.ns}'>")
+    return describe(element.ns, element.name)
 
 
 # ================================================================================ the protocol
@@ -239,7 +249,7 @@ class InboundSession:
         backend_max_element_bytes: int = BACKEND_MAX_ELEMENT_BYTES,
         describe_backend: str = "the backend",
     ) -> None:
-        self.local_domains = frozenset(_domain(d) for d in local_domains)
+        self.local_domains = frozenset(_local_domain(d) for d in local_domains)
         self.max_stanza_bytes = max_stanza_bytes
         self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
         self.describe_backend = describe_backend
@@ -535,7 +545,8 @@ class InboundSession:
         if accepted:
             self.accepted.add(pair)
             self.rejected.pop(pair, None)
-            self._out.append(SendToBackend(element.raw))
+            if not self._backend_closed_sent:   # the peer may have ended meanwhile
+                self._out.append(SendToBackend(element.raw))
         else:
             self.rejected[pair] = reason
             self._reject_dialback(sender, target, reason)
@@ -550,8 +561,10 @@ class InboundSession:
         if self.negotiated and not self._backend_header_seen:
             return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
         if self.negotiated:
+            # DESIGN §3.1 Deadlines: the handshake ends when the backend confirms a pair.
             self._end_backend_stream()
-            self._error("connection-timeout", f"stream set-up not completed within {seconds:g} s")
+            self._error("connection-timeout", f"no domain pair authenticated within {seconds:g} s "
+                        "(limits.handshake_timeout)")
             return self._take()
         if self.state == "tls":
             self._close(f"TLS handshake not completed within {seconds:g} s", outcome="connection-timeout")
@@ -561,6 +574,14 @@ class InboundSession:
                         f"{self.describe_backend} did not accept the connection within {seconds:g} s")
             return self._take()
         self._error("connection-timeout", f"stream negotiation not completed within {seconds:g} s")
+        return self._take()
+
+    def idle_timed_out(self, seconds: float) -> list[Action]:
+        """No byte from the peer for `limits.idle_timeout` seconds after authentication."""
+        if self.closed:
+            return []
+        self._end_backend_stream()
+        self._error("connection-timeout", f"nothing received from the peer for {seconds:g} s (limits.idle_timeout)")
         return self._take()
 
     def shutdown(self, text: str = "the proxy is shutting down") -> list[Action]:
@@ -639,12 +660,21 @@ class InboundSession:
         if not header.to:
             self._error("improper-addressing", "the stream header has no 'to' attribute naming our domain")
             return
-        to = _domain(header.to)
+        try:
+            to = _domain(header.to)
+        except DomainReadingError as exc:
+            self._error("improper-addressing", f"the stream header's 'to': {exc}")
+            return
         if to not in self.local_domains:
             self._error("host-unknown", f"{header.to!r} is not a domain served here")
             return
         self.local_domain = to
-        self.peer_domain = _domain(header.from_) if header.from_ else None
+        try:
+            self.peer_domain = _domain(header.from_) if header.from_ else None
+        except DomainReadingError as exc:
+            # The backend reads the header's 'from' too (e.g. Prosody's session.from_host).
+            self._error("invalid-from", f"the stream header's 'from': {exc}")
+            return
         if self.state == "header":
             if header.version is None or not header.version.startswith("1."):
                 self._error("policy-violation",
@@ -701,30 +731,22 @@ class InboundSession:
         if self.state not in ("relay", "draining", "backend-done", "backend-gone"):
             self._error("not-authorized", f"{_describe(el)} before the stream was negotiated")
             return
-        if el.ns == NS_DIALBACK:
-            if el.name == "result":
-                self._on_dialback_result(el)
-            else:
-                # <db:verify>: the peer, as receiving server, asks our backend (as the
-                # authoritative server) about a key; it asserts nothing about the peer.
-                self._out.append(SendToBackend(el.raw))
-            return
-        if el.ns == NS_SERVER and el.name in _STANZAS:
-            self._on_stanza(el)
-            return
-        if el.ns == NS_STREAMS and el.name == "error":
-            # DESIGN §3.1: the header is all a backend sees of a peer no domain was accepted
-            # for — not even its parting error (e.g. Prosody's not-authorized after a
-            # dialback error); the backend just sees the stream end.
-            if self.authenticated:
-                self._out.append(SendToBackend(el.raw))
-            return
-        if not self.authenticated:
-            # RFC 6120 §4.9.3.12: data before the stream is authenticated.
+        # Deny by default (DESIGN §3.1): the table in proxy/gate.py says how each element passes.
+        stage = Stage.INBOUND_AUTHENTICATED if self.authenticated else Stage.INBOUND_UNAUTHENTICATED
+        rule = admit(stage, el.ns, el.name)
+        if isinstance(rule, Refusal):
             self._end_backend_stream()
-            self._error("not-authorized", f"{_describe(el)} before any domain was authenticated")
-            return
-        self._out.append(SendToBackend(el.raw))   # e.g. XEP-0198 <r/>, <a/>
+            self._error(rule.condition, f"{_describe(el)} {rule.why}")
+        elif rule is Passage.JUDGE:
+            self._on_dialback_result(el)
+        elif rule is Passage.VERIFY:
+            self._on_dialback_verify(el)
+        elif rule is Passage.STANZA:
+            self._on_stanza(el)
+        elif rule is Passage.RELAY:
+            self._out.append(SendToBackend(el.raw))   # XEP-0198 elements, <stream:error>
+        # Passage.SWALLOW: the peer's parting <stream:error> before authentication; the
+        # backend just sees the stream end (DESIGN §3.1 step 3).
 
     def _on_dialback_result(self, el: Element) -> None:
         sender, target = el.attrs.get("from"), el.attrs.get("to")
@@ -732,8 +754,10 @@ class InboundSession:
             self._end_backend_stream()
             self._error("improper-addressing", "<db:result> needs both 'from' and 'to' (XEP-0220 §2.1.1)")
             return
-        sender, target = _domain(sender), _domain(target)
-        pair = (sender, target)
+        readings = self._read_dialback_pair(el, sender, target)
+        if readings is None:
+            return
+        sender, target = pair = readings
         if target not in self.local_domains:
             reason = _clip(f"{target!r} is not a domain served here")
             if self.dialback_errors:
@@ -753,6 +777,52 @@ class InboundSession:
         self._pending_result = el
         self._waiting = CheckDialback(sender, target)
         self._out.append(self._waiting)
+
+    def _read_dialback_pair(self, el: Element, sender: str, target: str) -> tuple[str, str] | None:
+        """(from, to) of a dialback element in their one reading (DESIGN §2.6), or None after
+        refusing it: a dialback error (jid-malformed, RFC 6120 §8.3.3.8) if the peer
+        understands them, else a stream error."""
+        try:
+            return _domain(sender), _domain(target)
+        except DomainReadingError as exc:
+            which = "from" if _unreadable(sender) else "to"
+            text = _clip(f"<db:{el.name}> '{which}': {exc}")
+            if self.dialback_errors:
+                self._count_rejection()
+                if not self.closed:
+                    self._out.append(SendToPeer(dialback_error(
+                        sender, target, "jid-malformed", text, name=el.name,
+                        id=el.attrs.get("id") if el.name == "verify" else None)))
+            else:
+                self._end_backend_stream()
+                self._error("invalid-from" if which == "from" else "improper-addressing", text)
+            return None
+
+    def _on_dialback_verify(self, el: Element) -> None:
+        """<db:verify>: the peer, as receiving server, asks our backend (as the authoritative
+        server) about a key; it asserts nothing about the peer, so it is not judged (DESIGN
+        §3.1 step 4).  But the backend reads its addresses: one reading each, and 'to' must be
+        a domain served here (XEP-0220 §2.1.2: the originating server's own domain)."""
+        sender, target = el.attrs.get("from"), el.attrs.get("to")
+        if not sender or not target or not el.attrs.get("id"):
+            self._end_backend_stream()
+            self._error("improper-addressing", "<db:verify> needs 'from', 'to' and 'id' (XEP-0220 §2.1.2)")
+            return
+        readings = self._read_dialback_pair(el, sender, target)
+        if readings is None:
+            return
+        if readings[1] not in self.local_domains:
+            reason = _clip(f"{readings[1]!r} is not a domain served here")
+            if self.dialback_errors:
+                self._count_rejection()
+                if not self.closed:
+                    self._out.append(SendToPeer(dialback_error(
+                        readings[0], readings[1], "item-not-found", reason, name="verify", id=el.attrs["id"])))
+            else:
+                self._end_backend_stream()
+                self._error("host-unknown", reason)
+            return
+        self._out.append(SendToBackend(el.raw))
 
     def _reject_dialback(self, sender: str, target: str, reason: str) -> None:
         text = _clip(f"{sender} not authenticated: {reason}")
@@ -779,7 +849,19 @@ class InboundSession:
             self._end_backend_stream()
             self._error("improper-addressing", f"{_describe(el)} without 'from' and 'to'")
             return
-        pair = (jid_domain(sender), jid_domain(target))
+        try:
+            from_domain = jid_domain(sender)
+        except DomainReadingError as exc:
+            self._end_backend_stream()
+            self._error("invalid-from", f"{_describe(el)} 'from': {exc}")
+            return
+        try:
+            to_domain = jid_domain(target)
+        except DomainReadingError as exc:
+            self._end_backend_stream()
+            self._error("improper-addressing", f"{_describe(el)} 'to': {exc}")
+            return
+        pair = (from_domain, to_domain)
         if pair in self.authenticated:
             if self._backend_lost:
                 self._undeliverable(el)
@@ -802,8 +884,13 @@ class InboundSession:
             return
         if el.ns == NS_DIALBACK and el.name == "result" and el.attrs.get("type") == "valid":
             # XEP-0220 §2.2.1 step 4: the backend confirms (to=sender, from=target).
-            pair = (_domain(el.attrs.get("to", "")), _domain(el.attrs.get("from", "")))
-            if pair in self.accepted:
+            try:
+                pair = (_domain(el.attrs.get("to", "")), _domain(el.attrs.get("from", "")))
+            except DomainReadingError:
+                pair = None   # nothing we accepted: accepted pairs are in their one reading
+            if pair in self.accepted and pair not in self.authenticated:
+                if not self.authenticated:
+                    self._out.append(Authenticated())
                 self.authenticated.add(pair)
         self._out.append(SendToPeer(el.raw))
 
@@ -914,7 +1001,8 @@ class InboundSettings:
     evidence_for: EvidenceFor
     local_domains: frozenset[str] = field(default_factory=frozenset)
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
-    handshake_timeout: float = 30.0
+    handshake_timeout: float = 30.0           # accept -> first pair confirmed by the backend
+    idle_timeout: float = 0.0                 # after that, without a byte from the peer; 0 = off
     proxy_protocol: bool = False
     metrics: object | None = None              # proxy.metrics.Metrics (duck-typed, optional)
     # For `inbound.websocket_listen` (proxy.websocket): the same identities, ALPN http/1.1.
@@ -966,8 +1054,11 @@ async def open_backend(backend: str) -> trio.abc.Stream:
 class InboundConnection:
     """The trio shell around one `InboundSession`: reads, performs actions, closes."""
 
-    def __init__(self, transport: trio.SocketStream, settings: InboundSettings) -> None:
+    def __init__(self, transport: trio.SocketStream, settings: InboundSettings, *,
+                 admission: "UnauthenticatedSlot | None" = None) -> None:
         self.settings = settings
+        # Held until the first pair is authenticated (limits.max_unauthenticated).
+        self.admission = admission
         self.raw = transport
         self.peer_stream: trio.abc.Stream = transport
         self.backend: trio.abc.Stream | None = None
@@ -987,6 +1078,7 @@ class InboundConnection:
         self._closed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._handshake_scope: trio.CancelScope | None = None
+        self._idle_scope: trio.CancelScope | None = None
         self._verdicts: dict[str, object] = {}
         self.close_reason = ""
         self.close_condition: str | None = None
@@ -1005,6 +1097,8 @@ class InboundConnection:
         try:
             await self._run()
         finally:
+            if self.admission is not None:
+                self.admission.release()
             if self.metrics is not None:
                 self.metrics.connection_closed("inbound", self.outcome)
 
@@ -1067,9 +1161,19 @@ class InboundConnection:
     # ------------------------------------------------------------------ reading
 
     async def _read_peer(self) -> None:
+        idle = self.settings.idle_timeout
         while self.session.reading_peer:
             try:
-                data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
+                # limits.idle_timeout (0 = off) once a pair is authenticated; before that the
+                # handshake deadline around this loop bounds every read.
+                with trio.CancelScope() as wait:
+                    self._idle_scope = wait
+                    if idle > 0 and self.session.authenticated:
+                        wait.deadline = trio.current_time() + idle
+                    data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
+                if wait.cancelled_caught:
+                    await self._perform(self.session.idle_timed_out(idle))
+                    continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.peer_eof(str(exc)))
                 return
@@ -1111,9 +1215,15 @@ class InboundConnection:
                 await self._connect_backend()
             elif isinstance(action, CheckDialback):
                 await self._check(action)
-            elif isinstance(action, Negotiated):
+            elif isinstance(action, Authenticated):
+                # DESIGN §3.1 Deadlines: the handshake ends with the first confirmed pair.
                 if self._handshake_scope is not None:
                     self._handshake_scope.deadline = math.inf
+                if self.admission is not None:
+                    self.admission.release()
+                if self.settings.idle_timeout > 0 and self._idle_scope is not None:
+                    # The read already waiting started before; from now on it is bounded.
+                    self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
             elif isinstance(action, PeerGrace):
@@ -1308,7 +1418,7 @@ async def handle_inbound(transport: trio.SocketStream, settings: InboundSettings
 
 
 __all__ = [
-    "Action", "CheckDialback", "Close", "ConnectBackend", "InboundConnection", "InboundSession",
+    "Action", "Authenticated", "CheckDialback", "Close", "ConnectBackend", "InboundConnection", "InboundSession",
     "InboundSettings", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "PeerGrace", "SendToBackend",
     "SendToPeer",
     "StartTls", "dialback_error", "handle_inbound", "jid_domain", "open_backend",

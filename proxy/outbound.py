@@ -22,8 +22,12 @@ Choices where DESIGN is silent:
 * The backend's elements must be addressed `to` D: a stream was verified for D only, so
   piggybacking another peer domain (XEP-0220 §2.6 target multiplexing) gets
   `policy-violation`; the backend opens a new stream for it instead (Prosody always does).
-* The peer may not send stanzas on a stream we initiated unless they are from D to a local
-  domain (`invalid-from`); bidi is not offered to the backend, so a conforming peer never does.
+* What the peer sends back passes the gate's table (proxy/gate.py, Stage.OUTBOUND_PEER, deny
+  by default): features (minus STARTTLS and bidi), `<stream:error>`, SASL's answers, XEP-0198,
+  and dialback answers only for questions the backend asked on this stream (a `<db:result>` /
+  `<db:verify>` it sent, same domains in their one reading, same id).  No stanzas: they would
+  need bidi (XEP-0288), which is offered to neither side.  Anything else ends the stream
+  (`unsupported-stanza-type` to the peer, `remote-connection-failed` to the backend).
 * A backend that sends `<starttls/>` to us (Prosody with `s2s_require_encryption = true`)
   gets `<failure/>` (RFC 6120 §5.4.2.2) and a log line saying what to change.
 """
@@ -37,12 +41,14 @@ from dataclasses import dataclass, field
 import trio
 
 from policy.dns import Resolver
+from policy.domain_reading import DomainReadingError, read_domain
 from policy.pkix import TrustStore
 from policy.pkix_names import normalise_domain
 from policy.policyfile import PolicySet
 from policy.verdict import Verdict
 from proxy.config import Config, parse_hostport
 from proxy.listen import tcp_listeners
+from proxy.gate import Passage, Refusal, Stage, admit, describe
 from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
@@ -130,6 +136,10 @@ class OutboundSession:
         self.peer_closed = False
         self.outcome: str | None = None
         self.sasl_restarts = 0
+        # Dialback questions the backend asked on this stream (DESIGN §3.1 deny by default):
+        # (from, to) of its <db:result>s, (from, to, id) of its <db:verify>s, one reading each.
+        self._asked_results: set[tuple[str, str]] = set()
+        self._asked_verifies: set[tuple[str, str, str]] = set()
 
     @property
     def closing(self) -> bool:
@@ -192,6 +202,12 @@ class OutboundSession:
             self._fail_backend(out, "host-unknown",
                                "the stream header has no 'from': the proxy needs the local domain to present its certificate")
             return
+        try:
+            # DESIGN §2.6: the peer the proxy dials must be the domain the backend means.
+            read_domain(to)
+        except DomainReadingError as exc:
+            self._fail_backend(out, "host-unknown", f"'to': {exc}")
+            return
         peer, local = normalise_domain(to), normalise_domain(from_)
         if not peer or any(c in peer for c in "@/ "):
             self._fail_backend(out, "host-unknown", f"'to' = {to!r} is not a domain name")
@@ -214,7 +230,34 @@ class OutboundSession:
             self._fail_backend(out, "policy-violation",
                                f"more than {self.max_stanza_bytes} bytes sent before the peer's stream header")
             return
+        self._note_question(element)
         self._held.append(element.raw)
+
+    def _note_question(self, el: Element) -> None:
+        """Remember a dialback question of the backend, so the peer's answer may pass."""
+        if el.ns != NS_DIALBACK or el.attrs.get("type") is not None:
+            return
+        try:
+            frm, to = read_domain(el.attrs.get("from", "")), read_domain(el.attrs.get("to", ""))
+        except DomainReadingError:
+            return
+        if el.name == "result":
+            self._asked_results.add((frm, to))
+        elif el.name == "verify":
+            self._asked_verifies.add((frm, to, el.attrs.get("id", "")))
+
+    def _answers_a_question(self, el: Element) -> bool:
+        """A dialback answer (XEP-0220 §2.1.2, §2.2.1) to a question the backend asked: from
+        and to swapped, `type` valid/invalid/error, the same id for <db:verify>."""
+        if el.attrs.get("type") not in ("valid", "invalid", "error"):
+            return False
+        try:
+            frm, to = read_domain(el.attrs.get("from", "")), read_domain(el.attrs.get("to", ""))
+        except DomainReadingError:
+            return False
+        if el.name == "result":
+            return (to, frm) in self._asked_results
+        return (to, frm, el.attrs.get("id", "")) in self._asked_verifies
 
     def _relay_backend_element(self, el: Element, out: Output) -> None:
         assert self.opening is not None
@@ -234,6 +277,7 @@ class OutboundSession:
                                    f"<{el.name}> to {target} on the stream to {self.opening.peer_domain}: "
                                    f"only {self.opening.peer_domain} was verified on it; open a new stream")
                 return
+        self._note_question(el)
         out.to_peer += el.raw
 
     def _backend_stream_closed(self, out: Output) -> None:
@@ -354,27 +398,30 @@ class OutboundSession:
             self.peer_closed = True
             self._to_backend_error(out, f"the peer {domain} sent <{event.name}> before its stream header")
             self._finish(out, "remote-connection-failed")
-        elif event.is_(NS_STREAMS, "features"):
-            # DESIGN §3.2: features back minus <starttls/> (TLS is the proxy's) and minus
-            # bidi (XEP-0288), which would turn this verified outbound stream into an
-            # inbound one that no dialback gate watches.
-            out.to_backend += event.raw_without(
-                lambda c: (c.ns, c.name) in ((NS_TLS, "starttls"), (NS_BIDI_FEATURE, "bidi")))
-        elif event.ns == NS_SERVER and event.name in _STANZAS and not self._stanza_allowed(event):
-            sender, target = jid_domain(event.attrs.get("from", "")), jid_domain(event.attrs.get("to", ""))
-            text = (f"<{event.name}> from {sender or '(none)'} to {target or '(none)'} on a stream the proxy "
-                    f"opened to {domain}")
-            out.to_peer += stream_error("invalid-from", text)
-            self.peer_closed = True
-            self._to_backend_error(out, f"the peer {domain} sent a stanza not from {domain}; stream closed")
-            self._finish(out, "invalid-from")
         else:
-            out.to_backend += event.raw
-
-    def _stanza_allowed(self, el: Element) -> bool:
-        assert self.opening is not None
-        sender, target = jid_domain(el.attrs.get("from", "")), jid_domain(el.attrs.get("to", ""))
-        return sender == self.opening.peer_domain and target in self.local_domains
+            # Deny by default: the gate's table for what a peer sends back (proxy/gate.py).
+            rule = admit(Stage.OUTBOUND_PEER, event.ns, event.name)
+            if rule is Passage.ANSWER and not self._answers_a_question(event):
+                rule = Refusal("unsupported-stanza-type", "answers no dialback question the backend asked on "
+                                                          "this stream")
+            if isinstance(rule, Refusal):
+                what = describe(event.ns, event.name)
+                text = f"{what} {rule.why}"
+                if len(text) > 600:
+                    text = text[:600] + "…"
+                out.to_peer += stream_error(rule.condition, text)
+                self.peer_closed = True
+                self._to_backend_error(out, f"the peer {domain} sent {text}; stream closed")
+                # Metrics count it with the nearest series (proxy/metrics.py CONNECTION_OUTCOMES).
+                self._finish(out, "policy-violation" if rule.condition == "unsupported-stanza-type" else rule.condition)
+            elif rule is Passage.FEATURES:
+                # DESIGN §3.2: features back minus <starttls/> (TLS is the proxy's) and minus
+                # bidi (XEP-0288), which would turn this verified outbound stream into an
+                # inbound one that no dialback gate watches.
+                out.to_backend += event.raw_without(
+                    lambda c: (c.ns, c.name) in ((NS_TLS, "starttls"), (NS_BIDI_FEATURE, "bidi")))
+            else:
+                out.to_backend += event.raw
 
     def _to_backend_error(self, out: Output, text: str) -> None:
         if not self.backend_closed:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from proxy.admission import UnauthenticatedSlots, effective_max_unauthenticated
 from proxy.config import Config, parse_hostport
 from proxy.listen import tcp_listeners
 from proxy.logsetup import format_peer, log_event
@@ -104,6 +105,7 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
         local_domains=frozenset(d.name for d in config.domains),
         max_stanza_bytes=config.limits.max_stanza_bytes,
         handshake_timeout=config.limits.handshake_timeout,
+        idle_timeout=config.limits.idle_timeout,
         proxy_protocol=config.inbound.proxy_protocol,
         metrics=metrics,
         websocket_certificates=websocket_certificates,
@@ -153,6 +155,7 @@ class ProxyServer:
         self.active = 0
         self._idle = trio.Event()   # set whenever the last connection ends
         self.refused = 0
+        self.unauthenticated = UnauthenticatedSlots()   # limits.max_unauthenticated
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
 
@@ -219,58 +222,76 @@ class ProxyServer:
                 raise
             except trio.ClosedResourceError:
                 return
-            if self.active >= self.config.limits.max_connections:
+            limits = self.config.limits
+            slot = None
+            if handler != self.outbound_handler:
+                slot = self.unauthenticated.take(
+                    effective_max_unauthenticated(limits.max_unauthenticated, limits.max_connections))
+            if self.active >= limits.max_connections or (handler != self.outbound_handler and slot is None):
+                if slot is not None:
+                    slot.release()
                 self.refused += 1
+                which = "max_connections" if self.active >= limits.max_connections else "max_unauthenticated"
                 if handler == self._handle_websocket:
                     # A wss peer expects a TLS handshake first: XML would be garbage to it.
                     nursery.start_soon(trio.aclose_forcefully, stream)
+                    _log(logging.WARNING, "refused", direction="inbound", reason=f"limits.{which} reached")
                 else:
-                    nursery.start_soon(self._refuse, stream)
+                    nursery.start_soon(self._refuse, stream, which)
                 continue
             self.active += 1
-            nursery.start_soon(self._run_handler, handler, stream)
+            nursery.start_soon(self._run_handler, handler, stream, slot)
 
-    async def _run_handler(self, handler: ConnectionHandler, stream: trio.SocketStream) -> None:
+    async def _run_handler(self, handler: ConnectionHandler, stream: trio.SocketStream, slot=None) -> None:
         enable_keepalive(stream)   # every accepted connection, WebSocket ones too (proxy/keepalive.py)
         try:
-            await handler(stream)
+            if slot is not None:
+                await handler(stream, admission=slot)
+            else:
+                await handler(stream)
         except Exception:
             # One broken stream must never take the listener down.
             log.exception("connection handler failed")
             with trio.CancelScope(shield=True):
                 await stream.aclose()
         finally:
+            if slot is not None:
+                slot.release()
             self.active -= 1
             if self.active == 0:
                 self._idle.set()
 
-    async def _handle_inbound(self, stream: trio.SocketStream) -> None:
-        conn = InboundConnection(stream, self.settings)
+    async def _handle_inbound(self, stream: trio.SocketStream, admission=None) -> None:
+        conn = InboundConnection(stream, self.settings, admission=admission)
         self.connections.add(conn)
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
 
-    async def _handle_websocket(self, stream: trio.SocketStream) -> None:
+    async def _handle_websocket(self, stream: trio.SocketStream, admission=None) -> None:
         from proxy.websocket import handle_websocket_inbound
 
-        await handle_websocket_inbound(stream, self.settings, connections=self.connections)
+        await handle_websocket_inbound(stream, self.settings, connections=self.connections, admission=admission)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        """Over `limits.max_connections`: RFC 6120 §4.9.3.17 resource-constraint, then close."""
-        limit = self.config.limits.max_connections
+    async def _refuse(self, stream: trio.SocketStream, which: str = "max_connections") -> None:
+        """Over `limits.max_connections` or `limits.max_unauthenticated`: RFC 6120 §4.9.3.17
+        resource-constraint, then close."""
+        limits = self.config.limits
+        limit = limits.max_connections if which == "max_connections" else \
+            effective_max_unauthenticated(limits.max_unauthenticated, limits.max_connections)
+        what = "connections" if which == "max_connections" else "connections not yet authenticated"
         with trio.move_on_after(_REFUSE_TIMEOUT):
             try:
                 await stream.send_all(stream_header(id=secrets.token_hex(8)) + stream_error(
-                    "resource-constraint", f"too many connections (limits.max_connections = {limit})"))
+                    "resource-constraint", f"too many {what} (limits.{which} = {limit})"))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()
         if self.metrics is not None:
             self.metrics.connection_opened("inbound")
             self.metrics.connection_closed("inbound", "over-limit")
-        _log(logging.WARNING, "refused", direction="inbound", reason="limits.max_connections reached", limit=limit)
+        _log(logging.WARNING, "refused", direction="inbound", reason=f"limits.{which} reached", limit=limit)
 
     async def shutdown(self) -> None:
         """Stop accepting, end every stream with system-shutdown (DESIGN §3.3), and wait until

@@ -419,13 +419,14 @@ def _peer_of(transport) -> str:
 
 
 async def handle_websocket_inbound(transport: trio.SocketStream, settings: InboundSettings, *,
-                                   connections: set | None = None) -> InboundConnection | None:
+                                   connections: set | None = None, admission=None) -> InboundConnection | None:
     """Serve one connection accepted on `inbound.websocket_listen` to its end.
 
     TLS and the upgrade count against `limits.handshake_timeout` together with the XMPP
     negotiation after them.  Returns the `InboundConnection` (for its verdicts), or None if
     the connection ended before an XMPP stream.  While the stream runs the connection is in
-    `connections` (so the server can say system-shutdown to it).
+    `connections` (so the server can say system-shutdown to it).  `admission`: its
+    `limits.max_unauthenticated` slot (proxy.admission), released once a pair is authenticated.
     """
     deadline = trio.current_time() + settings.handshake_timeout
     peer = _peer_of(transport)
@@ -440,7 +441,7 @@ async def handle_websocket_inbound(transport: trio.SocketStream, settings: Inbou
                 except _Refused as exc:
                     refused = exc
                 else:
-                    conn = _connection(transport, settings, ws, info, deadline)
+                    conn = _connection(transport, settings, ws, info, deadline, admission)
             if conn is None:
                 if refused is None:
                     refused = _Refused("connection-timeout",
@@ -470,10 +471,11 @@ async def handle_websocket_inbound(transport: trio.SocketStream, settings: Inbou
 
 
 def _connection(transport: trio.SocketStream, settings: InboundSettings, ws: WebSocketConnection,
-                info: TlsInfo, deadline: float) -> InboundConnection:
+                info: TlsInfo, deadline: float, admission=None) -> InboundConnection:
     # The XMPP negotiation gets what is left of the handshake timeout.
     remaining = max(0.0, deadline - trio.current_time())
-    conn = InboundConnection(transport, dataclasses.replace(settings, handshake_timeout=remaining))
+    conn = InboundConnection(transport, dataclasses.replace(settings, handshake_timeout=remaining),
+                             admission=admission)
     conn.peer_stream = WebSocketStream(ws, WebSocketFraming(max_message_bytes=settings.max_stanza_bytes))
     leftover = conn.session.transport_secured(info)
     assert not leftover, leftover   # nothing was queued before the first message

@@ -172,7 +172,7 @@ def world(tmp_path_factory) -> World:
 
 def make_config(world: World, backend: str, tmp_path: Path, *, policies: dict[str, str] | None = None,
                 handshake_timeout: float = 10.0, max_stanza_bytes: int = 262144,
-                max_connections: int = 100) -> Config:
+                max_connections: int = 100, max_unauthenticated: int = 0, idle_timeout: float = 0.0) -> Config:
     policy_dir = tmp_path / "policy.d"
     policy_dir.mkdir(exist_ok=True)
     for name, text in (policies or {}).items():
@@ -184,7 +184,8 @@ def make_config(world: World, backend: str, tmp_path: Path, *, policies: dict[st
                  DomainConfig(OTHER_LOCAL, str(world.other_local.cert), str(world.other_local.key))],
         policy=PolicyConfig(dir=str(policy_dir), ca_file=str(world.dir / "root.pem")),
         limits=LimitsConfig(max_stanza_bytes=max_stanza_bytes, handshake_timeout=handshake_timeout,
-                            max_connections=max_connections),
+                            max_connections=max_connections, max_unauthenticated=max_unauthenticated,
+                            idle_timeout=idle_timeout),
     )
 
 

@@ -330,16 +330,49 @@ def test_session_relays_features_without_starttls_and_bidi_and_checks_addresses(
     assert b"only peer.test was verified" in out.to_backend and out.to_peer == b"</stream:stream>"
 
 
-def test_session_peer_stanza_from_another_domain_is_invalid_from():
+@pytest.mark.parametrize("stanza", [
+    b"<message from='x@peer.test' to='y@home.example'/>",      # even from the verified domain
+    b"<message from='x@evil.test' to='y@home.example'/>",
+    b"<message xmlns='jabber:client' from='x@peer.test' to='y@home.example'/>",
+])
+def test_session_peer_stanzas_need_bidi_which_is_not_offered(stanza):
+    # DESIGN §3.1 deny by default, for what a peer sends back on a stream the proxy opened.
     s = OutboundSession(local_domains=[LOCAL])
     _opened(s)
     s.peer_accepted()
     s.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
-    ok = b"<message from='x@peer.test' to='y@home.example'/>"
-    assert s.peer_data(ok).to_backend == ok
-    out = s.peer_data(b"<message from='x@evil.test' to='y@home.example'/>")
-    assert out.close and out.outcome == "invalid-from"
-    assert b"<invalid-from " in out.to_peer and b"<remote-connection-failed " in out.to_backend
+    out = s.peer_data(stanza)
+    assert out.close and out.outcome == "policy-violation"
+    assert b"<unsupported-stanza-type " in out.to_peer and b"<remote-connection-failed " in out.to_backend
+    assert stanza not in out.to_backend
+
+
+def test_session_peer_dialback_answers_only_for_questions_the_backend_asked():
+    s = OutboundSession(local_domains=[LOCAL])
+    _opened(s)
+    s.peer_accepted()
+    s.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
+    s.backend_data(f"<db:result xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test'>k</db:result>".encode()
+                   + f"<db:verify xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test' id='i1'>k</db:verify>"
+                   .encode())
+    answer = f"<db:result xmlns:db='jabber:server:dialback' from='PEER.test.' to='{LOCAL}' type='valid'/>".encode()
+    assert s.peer_data(answer).to_backend == answer
+    verified = f"<db:verify xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}' id='i1' type='valid'/>"
+    assert s.peer_data(verified.encode()).to_backend == verified.encode()
+    # Not asked: another id, another pair, a request instead of an answer.
+    for unasked in (verified.replace("i1", "i2"),
+                    f"<db:result xmlns:db='jabber:server:dialback' from='other.test' to='{LOCAL}' type='valid'/>",
+                    f"<db:result xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}'>k</db:result>",
+                    f"<db:request xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}'/>"):
+        t = OutboundSession(local_domains=[LOCAL])
+        _opened(t)
+        t.peer_accepted()
+        t.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
+        t.backend_data(f"<db:verify xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test' id='i1'>k"
+                       f"</db:verify>".encode())
+        out = t.peer_data(unasked.encode())
+        assert out.close and b"<unsupported-stanza-type " in out.to_peer, unasked
+        assert unasked.encode() not in out.to_backend
 
 
 def test_session_backend_starttls_gets_failure():

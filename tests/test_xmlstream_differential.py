@@ -9,6 +9,10 @@ with equal `state`, `buffered` and `trailing`.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,3 +234,17 @@ def test_header_bound_agrees(pad):
         chunks = [header] if split is None else [header[i:i + split] for i in range(0, len(header), split)]
         events = both_agree(chunks + [b"<message/>"], 1 << 20, False)
         assert isinstance(events[0], StreamOpened) == (len(header) <= xmlstream.MAX_HEADER_BYTES)
+
+
+@pytest.mark.parametrize("wanted,framer", [("", "c"), ("c", "c"), ("python", "python"), ("PYTHON ", "python")])
+def test_the_framer_is_chosen_at_import(wanted, framer):
+    code = "from proxy import xmlstream as x; print(x.FRAMER, x.XmlStreamParser.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "XMPP_DANE_PROXY_FRAMER": wanted}).stdout.split()
+    assert out == [framer, {"c": "CXmlStreamParser", "python": "PyXmlStreamParser"}[framer]]
+
+
+def test_an_unknown_framer_is_refused_at_import():
+    run = subprocess.run([sys.executable, "-c", "import proxy.xmlstream"], capture_output=True, text=True,
+                         env={**os.environ, "XMPP_DANE_PROXY_FRAMER": "rust"})
+    assert run.returncode != 0 and "XMPP_DANE_PROXY_FRAMER='rust': use 'c' or 'python'" in run.stderr

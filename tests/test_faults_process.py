@@ -27,7 +27,8 @@ from proxy.xmlstream import (
     XmlStreamParser,
 )
 from proxyenv import parse_logfmt
-from test_inbound_openssl import LOCAL, PEER, Peer, world  # noqa: F401  (fixture)
+from test_inbound_openssl import LOCAL, PEER, RESTART, Peer, starttls_client, world  # noqa: F401  (fixture)
+from test_tls import OpenSSLProcess, client_cert_args
 from test_run_process import ProxyProcess, base_env, dane_policy, free_port, metric, proxy_argv, scrape
 
 TIMEOUT = 20.0
@@ -35,7 +36,7 @@ STREAMS = 50
 
 
 def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metrics_port: int,  # noqa: F811
-                 handshake_timeout: float = 10.0, max_connections: int = 1000) -> Path:
+                 handshake_timeout: float = 10.0, max_connections: int = 1000, idle_timeout: float = 0.0) -> Path:
     (tmp / "policy.d").mkdir(exist_ok=True)
     (tmp / "policy.d" / f"{PEER}.toml").write_text(dane_policy(world))
     path = tmp / "config.toml"
@@ -63,6 +64,7 @@ ca_file = "{world.dir / 'root.pem'}"
 [limits]
 handshake_timeout = {handshake_timeout}
 max_connections = {max_connections}
+idle_timeout = {idle_timeout}
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -571,3 +573,32 @@ def test_out_of_file_descriptors_is_resource_constraint(world, tmp_path, ports):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_peer_that_vanishes_is_released_by_idle_timeout(world, tmp_path, ports):  # noqa: F811
+    """A peer that stops sending anything without closing — here an `openssl s_client` that
+    is SIGSTOPped: its kernel still acknowledges, as for a peer whose host hangs — is released
+    after limits.idle_timeout with connection-timeout; the backend gets `</stream:stream>`.
+    (A peer whose packets vanish altogether is TCP keepalive's, tested above.)"""
+    async def scenario(proxy, backend, nursery):
+        await backend.start(nursery)
+        args = starttls_client(ports["listen"], *client_cert_args(world.peer_self))
+        async with OpenSSLProcess.run(*args) as peer:
+            await peer.wait_for(rb"Verification|CONNECTION ESTABLISHED|Protocol version")
+            await peer.send(RESTART.encode())
+            await peer.wait_for(rb"id='backend-1'")
+            await peer.send(f"<db:result from='{PEER}' to='{LOCAL}'>key</db:result>".encode())
+            await peer.wait_for(rb"type='valid'")
+            peer.proc.send_signal(signal.SIGSTOP)
+            try:
+                line = await proxy.wait_log(r"event=stream-closed .*outcome=connection-timeout")
+                assert "idle_timeout" in line
+                await backend.wait_for(lambda: backend.conns and backend.conns[0].got_close,
+                                       "the backend's stream closed")
+            finally:
+                peer.proc.send_signal(signal.SIGCONT)
+            # What the stopped peer finds when it wakes up: the reason, and the end.
+            await peer.wait_for(rb"connection-timeout.*</stream:stream>")
+        counts, open_now = await until(lambda: _settled(ports["metrics"], 1), "connection counted")
+        assert counts == {"connection-timeout": 1} and open_now == 0, counts
+    run_scenario(world, tmp_path, ports, scenario, idle_timeout=2.0)

@@ -41,8 +41,11 @@ import trio
 from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
 from proxy.admission import UnauthenticatedSlot
+from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
 from proxy.config import parse_hostport
+from proxy.fdlimit import out_of_resources
 from proxy.gate import Passage, Refusal, Stage, admit, describe
+from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
 from proxy.streamerrors import StreamError
 from proxy.tls import ServerCertificates, TlsError, TlsInfo, TlsStream
@@ -74,13 +77,13 @@ _FEATURES_STARTTLS = (
 OUTCOMES = frozenset({
     "ok", "host-unknown", "policy-violation", "not-authorized", "invalid-from", "not-well-formed",
     "restricted-xml", "connection-timeout", "remote-connection-failed", "system-shutdown",
-    "tls-failed", "closed-early", "over-limit", "internal-error",
+    "tls-failed", "closed-early", "over-limit", "resource-constraint", "internal-error",
 })
 _OUTCOME_OF_CONDITION = {
     "bad-format": "not-well-formed", "bad-namespace-prefix": "not-well-formed",
     "invalid-namespace": "not-well-formed", "unsupported-encoding": "not-well-formed",
     "improper-addressing": "invalid-from", "internal-server-error": "remote-connection-failed",
-    "resource-constraint": "over-limit", "unsupported-stanza-type": "policy-violation",
+    "unsupported-stanza-type": "policy-violation",
 }
 # Metronome closes a stream after 10 dialback failures; a peer that keeps asserting domains
 # it cannot prove is probing, and each attempt costs DNS lookups.
@@ -144,6 +147,16 @@ class PeerDone:
 
 
 @dataclass(frozen=True)
+class PeerGrace:
+    """The backend's side of the stream is over; the peer may still be sending.  Call
+    `grace_over()` once the peer has sent nothing for `quiet` seconds (None: never mind) or
+    `limit` seconds have passed, whichever is first (RFC 6120 §4.4 bounds this wait)."""
+
+    quiet: float | None
+    limit: float
+
+
+@dataclass(frozen=True)
 class Close:
     """Close both connections (everything to send was sent by the actions before this).
     `condition`: the stream error sent to the peer, if any; `reason`: for the log;
@@ -155,7 +168,7 @@ class Close:
 
 
 Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | Authenticated | CheckDialback
-          | PeerDone | Close)
+          | PeerDone | PeerGrace | Close)
 
 
 # ================================================================================ helpers
@@ -240,7 +253,10 @@ class InboundSession:
         self.max_stanza_bytes = max_stanza_bytes
         self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
         self.describe_backend = describe_backend
-        self.state = "start"       # start header starttls tls tls-header connecting relay peer-done draining closed
+        # start header starttls tls tls-header connecting relay peer-done draining closed;
+        # backend-done: the backend ended its stream, the peer's stanzas still go to it;
+        # backend-gone: the backend's connection is lost, the peer's stanzas are returned.
+        self.state = "start"
         self.direct_tls = False
         self.tls: TlsInfo | None = None
         self.local_domain: str | None = None     # the stream's `to`
@@ -260,18 +276,25 @@ class InboundSession:
         self._header_sent = False      # has the peer seen a stream header on this stream?
         self._backend_header_seen = False
         self._backend_closed_sent = False
+        self._backend_lost = False      # the backend's connection is gone (EOF or a failed send)
+        self._gone_reason = ""
+        self.returned = 0               # stanzas answered with an error because the backend was gone
+        self.undeliverable = 0          # ... and those that could not even be answered
+        # How the session ended (the Close it emitted), whether or not the shell got to it.
+        self.ending: Close | None = None
         self._out: list[Action] = []
 
     # ------------------------------------------------------------------ state queries
 
     @property
     def negotiated(self) -> bool:
-        return self.state in ("relay", "peer-done", "draining")
+        return self.state in ("relay", "peer-done", "draining", "backend-done", "backend-gone")
 
     @property
     def reading_peer(self) -> bool:
         """Whether the shell should read from the peer now."""
-        return self.state in ("start", "header", "starttls", "tls-header", "connecting", "relay", "draining")
+        return self.state in ("start", "header", "starttls", "tls-header", "connecting", "relay", "draining",
+                              "backend-done", "backend-gone")
 
     @property
     def closed(self) -> bool:
@@ -306,6 +329,13 @@ class InboundSession:
         why = f"peer closed the connection{': ' + reason if reason else ''}"
         if self.state == "draining":
             self._finish_drain(why)
+            return self._take()
+        if self.state == "backend-gone":
+            self._close(why, outcome="remote-connection-failed")
+            return self._take()
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close(f"the backend closed the stream, then the {why}")
             return self._take()
         if self.state in ("relay", "peer-done"):
             self._end_backend_stream()
@@ -381,16 +411,24 @@ class InboundSession:
         self._out.append(Negotiated())
         return self._drain()
 
-    def backend_failed(self, reason: str) -> list[Action]:
+    def backend_failed(self, reason: str, condition: str = "remote-connection-failed") -> list[Action]:
+        """The backend connection could not be opened: `remote-connection-failed`, or
+        `resource-constraint` when the proxy itself ran out of descriptors or memory."""
         if self.state != "connecting":
             return []
-        self._error("remote-connection-failed", reason)
+        self._error(condition, reason)
         return self._take()
 
     def backend_data(self, data: bytes) -> list[Action]:
         if self.closed or self._backend_parser is None or not data:
             return []
-        for event in self._backend_parser.feed(data):
+        events = self._backend_parser.feed(data)
+        if (not events and self.state in ("relay", "peer-done") and self._backend_header_seen
+                and not data.strip() and self._backend_parser.buffered == 0):
+            # RFC 6120 §4.6.1: whitespace between elements is the backend's keepalive; pass
+            # one space on, so the peer's idle timers see the stream alive.
+            self._out.append(SendToPeer(b" "))
+        for event in events:
             if self.state == "draining":
                 # Our stream to the peer is closed (RFC 6120 §4.4: nothing more may be sent on
                 # it); the backend sees its stream end once the peer has finished.
@@ -408,8 +446,14 @@ class InboundSession:
                 self._out.append(SendToPeer(_XML_DECL + event.raw))
             elif isinstance(event, StreamClosed):
                 self._out.append(SendToPeer(STREAM_CLOSE))
-                self._backend_closed_sent = True   # the backend ended; nothing more goes to it
-                self._close("the backend closed the stream")
+                if self.state == "relay":
+                    # RFC 6120 §4.4: the backend closed first and keeps reading until we close
+                    # too.  The peer gets the close and may still send what it had under way:
+                    # that goes to the backend until the peer closes (bounded), then ours.
+                    self.state = "backend-done"
+                    self._out.append(PeerGrace(None, CLOSE_GRACE))
+                    return self._take()
+                self._close("the backend closed the stream")   # peer-done: both have closed
                 return self._take()
             elif isinstance(event, XmlError):
                 self._end_backend_stream()
@@ -424,7 +468,7 @@ class InboundSession:
         """The backend connection ended (or broke) without `</stream:stream>`."""
         if self.closed:
             return []
-        self._backend_closed_sent = True
+        self._backend_lost = self._backend_closed_sent = True
         why = f"{self.describe_backend} closed the connection{': ' + reason if reason else ''}"
         if self.state == "draining":
             self._close(why, outcome="system-shutdown")
@@ -432,9 +476,62 @@ class InboundSession:
         if not self._backend_header_seen:
             self._error("remote-connection-failed", why + " before answering the stream")
             return self._take()
+        if self.state == "relay":
+            # The backend is gone (crashed, or restarted without ending its stream).  What
+            # the peer sends from now on cannot be delivered: each stanza is answered with an
+            # error (RFC 6120 §8.3, proxy/bounce.py) while our stream stays open, until the
+            # peer falls quiet (what it had under way has arrived) or a bound passes; then
+            # the stream ends with remote-connection-failed.
+            self.state, self._gone_reason = "backend-gone", why
+            self._out.append(PeerGrace(BACKEND_GONE_QUIET, BACKEND_GONE_LIMIT))
+            return self._take()
+        if self.state == "backend-done":
+            return []   # already closed towards the peer; its late stanzas are counted, not sent
         self._out.append(SendToPeer(STREAM_CLOSE))
         self._close(why)
         return self._take()
+
+    def backend_send_failed(self, data: bytes, reason: str) -> list[Action]:
+        """Sending `data` to the backend failed: its connection is gone.  The stanzas in
+        `data` are answered as undeliverable (where the stream to the peer is still open)."""
+        if self.closed:
+            return []
+        lost = elements_in(data, self._peer_header.raw if self._peer_header else b"", self.backend_max_element_bytes)
+        ended = self.backend_eof(reason)   # (it resets self._out: extend the new one)
+        self._out.extend(ended)
+        for el in lost:
+            self._undeliverable(el)
+        return self._take()
+
+    def backend_silent(self, seconds: float) -> list[Action]:
+        """The backend accepted the connection but sent no stream header in `seconds`."""
+        if self.closed or self._backend_header_seen or self.state not in ("relay", "connecting"):
+            return []
+        self._end_backend_stream()
+        self._error("remote-connection-failed",
+                    f"{self.describe_backend} accepted the connection but sent no stream header within {seconds:g} s")
+        return self._take()
+
+    def grace_over(self) -> list[Action]:
+        """The wait announced by `PeerGrace` is over: end the stream."""
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close("the backend closed the stream; the peer did not close its own in time")
+        elif self.state == "backend-gone":
+            self._error("remote-connection-failed", self._gone_reason)
+        return self._take()
+
+    def _undeliverable(self, el: Element) -> None:
+        """A stanza for a backend that is gone: an error back to its sender while our stream
+        to the peer is open (RFC 6120 §8.3), else counted for the log."""
+        if not needs_error_reply(el):
+            return
+        if self.state == "backend-gone":
+            self.returned += 1
+            self._out.append(SendToPeer(error_reply(
+                el, f"not delivered: the receiving server is unavailable ({self._gone_reason})")))
+        else:
+            self.undeliverable += 1
 
     # ------------------------------------------------------------------ inputs: verdicts, time
 
@@ -461,6 +558,8 @@ class InboundSession:
         """The handshake timeout expired (normally before the stream was negotiated)."""
         if self.closed:
             return []
+        if self.negotiated and not self._backend_header_seen:
+            return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
         if self.negotiated:
             # DESIGN §3.1 Deadlines: the handshake ends when the backend confirms a pair.
             self._end_backend_stream()
@@ -499,10 +598,26 @@ class InboundSession:
             self._out.append(SendToPeer(stream_error("system-shutdown", text)))
             self.state = "draining"
             return self._take()
-        if self.state == "draining":
-            return []
+        if self.state in ("draining", "backend-done"):
+            return []   # our stream to the peer is closed already; the drain bound applies
         self._end_backend_stream()
         self._error("system-shutdown", text)
+        return self._take()
+
+    def stopped(self, text: str = "the proxy stopped") -> list[Action]:
+        """The proxy stops now: the drain time is over (or the task was cancelled).  The
+        backend's stream always gets its closing tag; the peer gets system-shutdown unless
+        our stream to it is closed already."""
+        if self.closed:
+            return []
+        if self.state in ("draining", "backend-done"):
+            self._end_backend_stream()
+            self._close(f"{text}: the peer did not close its stream in time", outcome="system-shutdown")
+        elif self.state == "tls":
+            self._close(text, outcome="system-shutdown")
+        else:
+            self._end_backend_stream()
+            self._error("system-shutdown", text)
         return self._take()
 
     def revoked(self, condition: str, text: str) -> list[Action]:
@@ -582,6 +697,14 @@ class InboundSession:
         if self.state == "draining":
             self._finish_drain("the peer closed its stream after system-shutdown")
             return
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close("the backend closed the stream, then the peer")
+            return
+        if self.state == "backend-gone":
+            self._out.append(SendToPeer(STREAM_CLOSE))
+            self._close(self._gone_reason + "; then the peer closed its stream", outcome="remote-connection-failed")
+            return
         if self.state in ("relay", "peer-done"):
             self._end_backend_stream()
             self.state = "peer-done"
@@ -601,9 +724,11 @@ class InboundSession:
             else:
                 self._error("policy-violation", f"STARTTLS is required; got {_describe(el)} instead of <starttls/>")
             return
-        if self.state == "draining" and el.ns == NS_DIALBACK:
+        if self.state in ("draining", "backend-done", "backend-gone") and el.ns == NS_DIALBACK:
             return   # no new authentications on a stream that is closing
-        if self.state not in ("relay", "draining"):
+        if self.state == "backend-gone" and not (el.ns == NS_SERVER and el.name in _STANZAS):
+            return   # nothing else expects an answer, and the backend is gone
+        if self.state not in ("relay", "draining", "backend-done", "backend-gone"):
             self._error("not-authorized", f"{_describe(el)} before the stream was negotiated")
             return
         # Deny by default (DESIGN §3.1): the table in proxy/gate.py says how each element passes.
@@ -738,7 +863,10 @@ class InboundSession:
             return
         pair = (from_domain, to_domain)
         if pair in self.authenticated:
-            self._out.append(SendToBackend(el.raw))
+            if self._backend_lost:
+                self._undeliverable(el)
+            else:
+                self._out.append(SendToBackend(el.raw))
             return
         if self.authenticated:
             have = ", ".join(f"{a}->{b}" for a, b in sorted(self.authenticated))
@@ -770,7 +898,7 @@ class InboundSession:
 
     def _end_backend_stream(self) -> None:
         """Close the backend's stream politely (after everything already forwarded)."""
-        if self.state in ("relay", "peer-done", "draining") and not self._backend_closed_sent:
+        if self.state in ("relay", "peer-done", "draining", "backend-done") and not self._backend_closed_sent:
             self._backend_closed_sent = True
             self._out.append(SendToBackend(STREAM_CLOSE))
 
@@ -780,7 +908,7 @@ class InboundSession:
         if self.closed:
             return
         text = _clip(text)
-        if self.state == "draining":
+        if self.state in ("draining", "backend-done"):
             # Our stream to the peer is already closed: no second error on it.
             self._end_backend_stream()
             self._close(text, condition)
@@ -804,10 +932,15 @@ class InboundSession:
                     outcome = _OUTCOME_OF_CONDITION.get(condition, condition)
                 else:
                     outcome = "ok" if self.negotiated else "closed-early"
+            if self.returned or self.undeliverable:
+                reason += (f" ({self.returned} stanzas returned as undeliverable, "
+                           f"{self.undeliverable} arrived too late to be answered)")
             self.state = "closed"
             self._queue.clear()
             self._waiting = None
-            self._out.append(Close(_clip(reason), condition, outcome if outcome in OUTCOMES else "internal-error"))
+            # A condition outside OUTCOMES would be a bug here, not an escaped exception.
+            self.ending = Close(_clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
+            self._out.append(self.ending)
 
     def _take(self) -> list[Action]:
         """The collected actions, with adjacent sends to the same side merged.  Only inputs
@@ -848,6 +981,13 @@ _RECEIVE_SIZE = 65536
 # close anyway (RFC 6120 §4.4 lets it flush first; it must not hold the connection forever).
 CLOSE_GRACE = 10.0
 _CLOSE_TIMEOUT = 5.0
+# The backend's connection was lost: stanzas the peer sent before it learnt of it are still
+# arriving, and each is answered as undeliverable while our stream stays open.  The peer is
+# taken to have sent all of them once it has been quiet for a round trip with margin (0.5 s,
+# well above intercontinental RTTs); a peer that never falls quiet is closed after 5 s, so
+# new traffic soon goes to a new connection (and, once the backend is back, gets delivered).
+BACKEND_GONE_QUIET = 0.5
+BACKEND_GONE_LIMIT = 5.0
 
 
 @dataclass
@@ -928,6 +1068,7 @@ class InboundConnection:
         except (AttributeError, OSError):
             self.peer, self._sockaddrs = "-", None
         self.metrics = settings.metrics
+        enable_keepalive(transport)
         self.started = trio.current_time()
         self.session = InboundSession(
             settings.local_domains, max_stanza_bytes=settings.max_stanza_bytes,
@@ -941,8 +1082,11 @@ class InboundConnection:
         self._verdicts: dict[str, object] = {}
         self.close_reason = ""
         self.close_condition: str | None = None
-        self.outcome = "internal-error"   # until the session says how it ended
+        # Settled when the connection ends (`_settle`): the session's ending, system-shutdown
+        # when cancelled from outside, internal-error only when an exception escaped.
+        self.outcome = "internal-error"
         self.verdicts: list[tuple[str, object]] = []   # (domain, Verdict) in order
+        self._peer_activity = trio.Event()   # set (and replaced) whenever the peer sends bytes
         self._watched: list[object] = []   # proxy.reverify handles of accepted domains
 
     async def run(self) -> None:
@@ -952,10 +1096,6 @@ class InboundConnection:
             self.metrics.connection_opened("inbound")
         try:
             await self._run()
-        except trio.Cancelled:
-            if not self.session.closed:
-                self.outcome = "system-shutdown"   # cancelled from outside: the server stops
-            raise
         finally:
             if self.admission is not None:
                 self.admission.release()
@@ -963,6 +1103,7 @@ class InboundConnection:
                 self.metrics.connection_closed("inbound", self.outcome)
 
     async def _run(self) -> None:
+        escaped: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -972,22 +1113,50 @@ class InboundConnection:
                 if scope.cancelled_caught and not self.session.closed:
                     with trio.move_on_after(_CLOSE_TIMEOUT):
                         await self._perform(self.session.timed_out(self.settings.handshake_timeout))
-                if not self.session.closed:
-                    # The peer ended its stream: give the backend time to end its own.
+                if not self._closed.is_set():
+                    # The peer ended its stream, or the session closed in another task that is
+                    # still sending the last bytes (the final </stream:stream>): let it finish
+                    # and give the backend time to end its own stream.
                     with trio.move_on_after(CLOSE_GRACE):
                         await self._closed.wait()
                     if not self.session.closed:
                         self.close_reason = "the backend did not close its stream in time"
                         self.outcome = "ok"
                 nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            if not _is_cancellation(exc):
+                escaped = exc
+            elif not self.session.closed:
+                # Cancelled from outside (the proxy stops and the drain time is over): the peer
+                # gets system-shutdown (if our stream to it is open), the backend its closing tag.
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                    await self._perform(self.session.stopped())
+            raise
         finally:
             for handle in self._watched:
                 self.settings.reverify.unwatch(handle)  # type: ignore[union-attr]
             await self._close_all()
-            if not self.close_reason and not self.session.closed:
-                self.close_reason = "cancelled"      # e.g. the server stopped
+            self._settle(escaped)
+            extra = {}
+            if self.session.returned or self.session.undeliverable:
+                extra = {"returned": self.session.returned, "undeliverable": self.session.undeliverable}
             _log(logging.INFO, "stream-closed", peer=self.peer, domain=self.session.peer_domain,
-                 outcome=self.outcome, condition=self.close_condition, reason=self.close_reason)
+                 outcome=self.outcome, condition=self.close_condition, reason=self.close_reason, **extra)
+
+    def _settle(self, escaped: BaseException | None) -> None:
+        """How the connection ended, for the log line and the metrics."""
+        if escaped is not None:
+            self.outcome = "internal-error"
+            self.close_reason = f"internal error: {type(escaped).__name__}: {escaped}"
+        elif self.close_reason:
+            return      # set by the Close action, or by the close grace above
+        elif self.session.ending is not None:
+            # The session decided; the shell may not have performed its Close (e.g. the
+            # connection was cancelled while the last bytes were being sent).
+            ending = self.session.ending
+            self.close_reason, self.close_condition, self.outcome = ending.reason, ending.condition, ending.outcome
+        else:
+            self.outcome, self.close_reason = "system-shutdown", "cancelled: the proxy stopped"
 
     # ------------------------------------------------------------------ reading
 
@@ -1011,6 +1180,9 @@ class InboundConnection:
             except StreamError as exc:   # a framing transport (proxy.websocket) judged the peer
                 await self._perform(self.session.peer_error(exc.condition, exc.text))
                 continue
+            if data:
+                self._peer_activity.set()
+                self._peer_activity = trio.Event()
             if self.metrics is not None and data and self.session.negotiated:
                 self.metrics.relayed("inbound", "peer", len(data))
             await self._perform(self.session.peer_data(data) if data else self.session.peer_eof())
@@ -1054,6 +1226,9 @@ class InboundConnection:
                     self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
+            elif isinstance(action, PeerGrace):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._grace, action)
             elif isinstance(action, Close):
                 if not self.close_reason:
                     self.close_reason, self.close_condition = action.reason, action.condition
@@ -1076,7 +1251,19 @@ class InboundConnection:
             async with self._backend_lock:
                 await self.backend.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await self._perform(self.session.backend_eof(str(exc) or type(exc).__name__))
+            await self._perform(self.session.backend_send_failed(data, str(exc) or type(exc).__name__))
+
+    async def _grace(self, action: PeerGrace) -> None:
+        """`PeerGrace`: wait until the peer is quiet for `action.quiet` s (or `limit` is up)."""
+        with trio.move_on_after(action.limit):
+            if action.quiet is None:
+                await trio.sleep_forever()
+            while True:
+                with trio.move_on_after(action.quiet) as quiet:
+                    await self._peer_activity.wait()
+                if quiet.cancelled_caught:
+                    break
+        await self._perform(self.session.grace_over())
 
     async def _start_tls(self, action: StartTls) -> None:
         prefix = action.prefix
@@ -1111,16 +1298,30 @@ class InboundConnection:
         try:
             stream = await open_backend(self.settings.backend)
         except (OSError, ValueError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            detail = _os_error_text(exc)
+            if out_of_resources(exc):
+                # EMFILE & co: the backend is fine, the proxy is out of descriptors.
+                await self._perform(self.session.backend_failed(
+                    f"the proxy cannot open a connection to its backend: {detail}", "resource-constraint"))
+                return
             await self._perform(self.session.backend_failed(f"backend {self.settings.backend} unreachable: {detail}"))
             return
         self.backend = stream
+        enable_keepalive(stream)
         if self.settings.proxy_protocol:
             src, dst = self._sockaddrs or (None, None)
             await self._send_backend(proxy_protocol_v2(src, dst))
         assert self._nursery is not None
         self._nursery.start_soon(self._read_backend)
+        self._nursery.start_soon(self._backend_header_deadline)
         await self._perform(self.session.backend_connected())
+
+    async def _backend_header_deadline(self) -> None:
+        """A backend that accepts the connection but never answers must not hold the peer:
+        its stream header is due within handshake_timeout of accepting the peer."""
+        timeout = self.settings.handshake_timeout
+        await trio.sleep_until(self.started + timeout)
+        await self._perform(self.session.backend_silent(timeout))
 
     async def _check(self, action: CheckDialback) -> None:
         verdict = self._verdicts.get(action.sender)
@@ -1179,6 +1380,29 @@ class InboundConnection:
         await self._perform(self.session.shutdown())
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    """trio.Cancelled, or a nursery's group of nothing but (trio >= 0.25 groups them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def _os_error_text(exc: BaseException) -> str:
+    """The operating system's words for why a connect failed (trio.open_tcp_stream wraps the
+    errors of its attempts in "all attempts to connect ... failed")."""
+    seen, todo = 0, [exc]
+    while todo and seen < 32:
+        e = todo.pop(0)
+        seen += 1
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
+    return str(exc)
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in version.split("."))
@@ -1195,7 +1419,8 @@ async def handle_inbound(transport: trio.SocketStream, settings: InboundSettings
 
 __all__ = [
     "Action", "Authenticated", "CheckDialback", "Close", "ConnectBackend", "InboundConnection", "InboundSession",
-    "InboundSettings", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "SendToBackend", "SendToPeer",
+    "InboundSettings", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "PeerGrace", "SendToBackend",
+    "SendToPeer",
     "StartTls", "dialback_error", "handle_inbound", "jid_domain", "open_backend",
     "proxy_protocol_v2",
 ]

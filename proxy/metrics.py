@@ -47,6 +47,7 @@ CONNECTION_OUTCOMES = (
     "tls-failed",          # TLS handshake failed (garbage, no shared version/cipher, alert)
     "closed-early",        # the other side went away before the stream was authenticated
     "over-limit",          # refused: limits.max_connections reached
+    "resource-constraint", # the proxy ran out of file descriptors (EMFILE) or memory
     "internal-error",      # a bug: an exception escaped the connection handler
 )
 VERDICTS = ("accept", "reject")
@@ -209,6 +210,16 @@ class Metrics:
             log.debug("unknown connection outcome %r counted as internal-error", outcome)
             outcome = "internal-error"
         self.connections.labels(d, outcome).inc()
+
+    def connection_totals(self) -> dict[str, int]:
+        """Finished connections by outcome, both directions summed (for the exit log line)."""
+        totals: dict[str, int] = {}
+        for family in self.connections.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels["outcome"]
+                    totals[outcome] = totals.get(outcome, 0) + int(sample.value)
+        return totals
 
     def verdict(self, direction: str, verdict) -> str:
         """Count a `Verdict`; returns the reason category used (handy for logs and tests)."""

@@ -52,6 +52,7 @@ from proxy.gate import Passage, Refusal, Stage, admit, describe
 from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
+from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision, log_event
 from proxy.streamerrors import StreamError
 from proxy.websocket_outbound import connect_with_transports
@@ -564,6 +565,7 @@ class OutboundProxy:
             backend_addr = "-"
         if metrics is not None:
             metrics.connection_opened("outbound")
+        enable_keepalive(stream)
         session = OutboundSession(local_domains=ctx.local_domains, max_stanza_bytes=ctx.max_stanza_bytes)
         run = _Run(stream, session, ctx, backend_addr)
         scope = trio.CancelScope()
@@ -577,11 +579,17 @@ class OutboundProxy:
         except Exception:
             log_event(log, logging.ERROR, "outbound-failed", backend=backend_addr, exc_info=True)
             outcome = "internal-error"
+        except BaseException:
+            outcome = "system-shutdown"   # cancelled from outside: the proxy stops
+            raise
         finally:
             self._running.discard(scope)
             await run.close_all()
             if metrics is not None:
                 metrics.connection_closed("outbound", outcome)
+            opening = session.opening
+            log_event(log, logging.INFO, "stream-closed", direction="outbound", backend=backend_addr,
+                      peer=run.peer_addr, domain=opening.peer_domain if opening else "-", outcome=outcome)
 
 
 class _Run:
@@ -716,6 +724,7 @@ class _Run:
                       domain=opening.peer_domain, local=opening.local_domain, reason=failure.reason)
             return None
         self.peer = connection.stream
+        enable_keepalive(self.peer)
         self.connection = connection
         self.peer_addr = connection.attempt.address or "-"
         if ctx.metrics is not None:

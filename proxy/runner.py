@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from policy.dns import Resolver
+from proxy.fdlimit import raise_soft_limit
 from proxy.logsetup import configure_logging, log_event
 from proxy.metrics import Metrics, open_metrics_listeners, serve_metrics
 from proxy.own_tlsa import OwnTlsaGuard
@@ -89,6 +90,9 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
     configure_logging(cfg.log.level, cfg.log.format)
     for warning in holder.state.warnings if worker is None else ():
         log.warning(warning)
+    soft, hard, fd_warning = raise_soft_limit(cfg.limits.max_connections)
+    log_event(log, logging.WARNING if fd_warning else logging.INFO, "fd-limit", soft=soft, hard=hard,
+              **({"warning": fd_warning} if fd_warning else {}))
 
     sockets = listen_fds() if worker is None else worker.sockets
     if worker is None and cfg.server.workers != 1:
@@ -164,6 +168,9 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
             log_event(log, logging.WARNING, "drain-timeout",
                       reason=f"streams still open after {DRAIN_SECONDS:.0f}s; closing them")
         nursery.cancel_scope.cancel()
+    # One line with every connection's outcome: what happened, for the operator and the tests.
+    log_event(log, logging.INFO, "stopped", **{f"outcome_{k.replace('-', '_')}": v
+                                              for k, v in sorted(metrics.connection_totals().items()) if v})
 
 
 def _addresses(listeners) -> str:

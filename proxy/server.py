@@ -21,6 +21,7 @@ from proxy.config import Config, parse_hostport
 from proxy.listen import tcp_listeners
 from proxy.logsetup import format_peer, log_event
 from proxy.inbound import InboundConnection, InboundSettings
+from proxy.keepalive import enable_keepalive
 from proxy.tls import ServerCertificates
 from proxy.xmlstream import FRAMER, stream_error, stream_header
 
@@ -242,6 +243,7 @@ class ProxyServer:
             nursery.start_soon(self._run_handler, handler, stream, slot)
 
     async def _run_handler(self, handler: ConnectionHandler, stream: trio.SocketStream, slot=None) -> None:
+        enable_keepalive(stream)   # every accepted connection, WebSocket ones too (proxy/keepalive.py)
         try:
             if slot is not None:
                 await handler(stream, admission=slot)

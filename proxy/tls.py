@@ -11,6 +11,7 @@ the policy (`policy.decide`), which decides.
 """
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368 §3: ALPN protocol id for Direct 
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 _RECEIVE_SIZE = 65536           # bytes read from the transport (and the BIO) at a time
-_SEND_CHUNK = 65536             # plaintext bytes per SSL_write before flushing
+_SEND_CHUNK = 65536             # plaintext bytes per SSL_write
 _CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 
 # Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
@@ -239,6 +240,7 @@ class TlsStream(trio.abc.Stream):
         self._eof = False
         self._closed = False
         self._broken: str | None = None
+        self._transport_broken: str | None = None   # the transport failed mid-send
         self._sending = False
         self._receiving = False
 
@@ -248,6 +250,16 @@ class TlsStream(trio.abc.Stream):
     # `_outgoing`; whoever holds `_send_lock` sends `_outgoing` until it is empty.  A reader
     # whose SSL_read produced output (a TLS 1.3 KeyUpdate answer) therefore never has to wait
     # behind a writer stalled on a slow peer: the writer sends those bytes too.
+    #
+    # Cancellation safety: OpenSSL counts a record as sent the moment it is in the BIO, so a
+    # record that never reaches the peer makes every later one fail its MAC check.  Bytes
+    # therefore leave `_outgoing` only once the transport has taken them.  Over a socket
+    # (`trio.SocketStream`, TCP or Unix) each `socket.send` either takes some bytes or is
+    # cancelled having taken none, so a cancelled flush leaves exactly the unsent rest for the
+    # next flush (the next send_all, or aclose's close_notify).  Over any other transport a
+    # cancelled `send_all` may have sent part of its data (trio's contract), so the stream is
+    # marked broken instead: later calls raise, and nothing corrupt is ever sent (trio's
+    # SSLStream makes the same choice).
 
     def _collect(self) -> None:
         while True:
@@ -264,9 +276,39 @@ class TlsStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         async with self._send_lock:
-            while self._outgoing:
-                data, self._outgoing = bytes(self._outgoing), bytearray()
-                await self.transport.send_all(data)
+            self._collect()
+            await self._send_outgoing()
+
+    async def _send_outgoing(self) -> None:
+        """Hand `_outgoing` to the transport (caller holds `_send_lock`)."""
+        sock = getattr(self.transport, "socket", None) if isinstance(self.transport, trio.SocketStream) else None
+        while self._outgoing:
+            if self._transport_broken is not None:
+                raise trio.BrokenResourceError(self._transport_broken)
+            if sock is None:
+                data = bytes(self._outgoing)
+                # A cancellation before the transport was called loses nothing.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    await self.transport.send_all(data)
+                except BaseException as exc:
+                    # How much of `data` went out is unknown: no record after this one could
+                    # be read by the peer.  ClosedResourceError: we closed it ourselves.
+                    if not isinstance(exc, trio.ClosedResourceError):
+                        self._transport_broken = self._broken = (
+                            "a send to the transport was interrupted; the TLS stream is unusable")
+                    raise
+                del self._outgoing[:len(data)]
+                continue
+            try:
+                # A copy: the bytearray must stay resizable while a reader appends to it.
+                sent = await sock.send(bytes(self._outgoing))
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the transport was closed") from None
+                self._transport_broken = f"transport send failed: {exc.strerror or exc}"
+                raise trio.BrokenResourceError(self._transport_broken) from exc
+            del self._outgoing[:sent]
 
     async def _refill(self) -> None:
         async with self._receive_lock:
@@ -326,16 +368,21 @@ class TlsStream(trio.abc.Stream):
         try:
             self._check_usable()
             await self.do_handshake()
+            # All of `data` is encrypted before the first wait: if this call is cancelled,
+            # what it was given still goes out whole with the next flush (the next send_all
+            # or aclose), never a cut-off stanza followed by something else.  The ciphertext
+            # held is bounded by what one call is given (an element, at most a read's worth).
             view = memoryview(data)
             while view:
-                chunk = view[:_SEND_CHUNK]
                 try:
-                    written = self._conn.send(chunk)
+                    written = self._conn.send(view[:_SEND_CHUNK])
                 except SSL.Error as exc:
                     raise self._fail("TLS write failed", exc) from None
                 view = view[written:]
+                self._collect()
+            if data:
                 await self._flush()
-            if not data:
+            else:
                 await trio.lowlevel.checkpoint()
         finally:
             self._sending = False

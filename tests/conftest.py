@@ -23,3 +23,14 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_internal_errors_in_real_processes():
+    """Across the whole session, no proxy run as a real process (tests/processlog.py) ended
+    a stream as internal-error: that outcome is reserved for an exception that escaped."""
+    yield
+    import processlog
+
+    found = processlog.internal_errors()
+    assert not found, "streams ended as internal-error:\n" + "\n".join(found)

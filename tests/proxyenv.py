@@ -437,6 +437,11 @@ class ProxyProcess:
             self.process = subprocess.Popen(
                 [*self.command, str(self.config_path)], cwd=REPO, env=self.env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        import processlog   # here: processlog imports this module
+
+        log = self.log_path
+        processlog.register(f"{shlex.join(self.command)} {self.config_path}",
+                            lambda: log.read_text(errors="replace").splitlines() if log.exists() else [])
         try:
             def bound():
                 if self.process.poll() is not None:

@@ -378,8 +378,13 @@ def test_backend_closing_closes_the_peer_stream(world, tmp_path):
         await peer.negotiate(world.peer)
         await backend.wait_for(lambda: backend.streams)
         await backend.streams[0].send_all(b"<message from='romeo@b.example' to='juliet@a.example'/></stream:stream>")
-        received = await peer.until_closed()
-        assert received.endswith(b"<message from='romeo@b.example' to='juliet@a.example'/></stream:stream>")
+        await peer.expect(Element)
+        await peer.expect(StreamClosed)
+        assert peer.received.endswith(b"<message from='romeo@b.example' to='juliet@a.example'/></stream:stream>")
+        # RFC 6120 §4.4: the backend keeps reading until the peer closes too; then it gets ours.
+        await peer.send(b"</stream:stream>")
+        await peer.until_closed()
+        await backend.wait_for(lambda: bytes(backend.connections[0].received).endswith(b"</stream:stream>"))
 
     run_with_proxy(world, tmp_path, body)
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import trio
 
+import processlog
+
 from policy.tlsa import record_for
 from proxy.xmlstream import NS_DIALBACK, NS_STREAM_ERRORS, NS_STREAMS, Element, StreamClosed
 from test_inbound_openssl import LOCAL, PEER, FakeBackend, Peer, world  # noqa: F401  (fixture)
@@ -83,11 +85,13 @@ class ProxyProcess:
         self.lines: list[str] = []
         self._changed = trio.Event()
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery, **popen) -> None:
+        """Start it; `popen`: more arguments for the process (e.g. `preexec_fn`)."""
         self.proc = await trio.lowlevel.open_process(
             self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            stderr=subprocess.PIPE, **popen)
         nursery.start_soon(self._read)
+        processlog.register(" ".join(self.argv), lambda: self.lines)
 
     async def _read(self) -> None:
         buf = b""

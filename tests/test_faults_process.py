@@ -40,7 +40,11 @@ def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metri
     (tmp / "policy.d").mkdir(exist_ok=True)
     (tmp / "policy.d" / f"{PEER}.toml").write_text(dane_policy(world))
     path = tmp / "config.toml"
+    # One process: these faults are about one proxy's streams, not the worker supervisor's.
     path.write_text(f"""
+[server]
+workers = 1
+
 [inbound]
 listen = ["127.0.0.1:{listen_port}"]
 backend = "127.0.0.1:{backend_port}"

@@ -30,6 +30,7 @@ from proxyenv import parse_logfmt
 from test_inbound_openssl import LOCAL, PEER, RESTART, Peer, starttls_client, world  # noqa: F401  (fixture)
 from test_tls import OpenSSLProcess, client_cert_args
 from test_run_process import ProxyProcess, base_env, dane_policy, free_port, metric, proxy_argv, scrape
+from test_run_process import write_config as run_process_config
 
 TIMEOUT = 20.0
 STREAMS = 50
@@ -37,42 +38,11 @@ STREAMS = 50
 
 def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metrics_port: int,  # noqa: F811
                  handshake_timeout: float = 10.0, max_connections: int = 1000, idle_timeout: float = 0.0) -> Path:
-    (tmp / "policy.d").mkdir(exist_ok=True)
+    """`test_run_process.write_config` with these tests' limits and the peer's DANE policy."""
+    path = run_process_config(tmp, world, backend_port, listen_port=listen_port, metrics_port=metrics_port,
+                              limits={"handshake_timeout": handshake_timeout, "max_connections": max_connections,
+                                      "idle_timeout": idle_timeout})
     (tmp / "policy.d" / f"{PEER}.toml").write_text(dane_policy(world))
-    path = tmp / "config.toml"
-    # One process: these faults are about one proxy's streams, not the worker supervisor's.
-    path.write_text(f"""
-[server]
-workers = 1
-
-[inbound]
-listen = ["127.0.0.1:{listen_port}"]
-backend = "127.0.0.1:{backend_port}"
-
-[outbound]
-listen = []
-
-[[domain]]
-name = "{LOCAL}"
-cert = "{world.local.cert}"
-key = "{world.local.key}"
-
-[dns]
-nameservers = ["127.0.0.1:{free_port()}"]
-timeout = 1.0
-
-[policy]
-dir = "policy.d"
-ca_file = "{world.dir / 'root.pem'}"
-
-[limits]
-handshake_timeout = {handshake_timeout}
-max_connections = {max_connections}
-idle_timeout = {idle_timeout}
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-""")
     return path
 
 

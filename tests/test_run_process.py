@@ -38,8 +38,11 @@ def free_port() -> int:
 
 
 def write_config(tmp: Path, world, backend_port: int, *, listen_port: int, metrics_port: int,
-                 workers: int = 1) -> Path:
+                 workers: int = 1, limits: dict[str, float] | None = None) -> Path:
+    """The real-process tests' config: one local domain, the test CA, a dead resolver (policy
+    files carry static evidence), `workers = 1` unless asked; `limits` becomes `[limits]`."""
     (tmp / "policy.d").mkdir(exist_ok=True)
+    limits_table = "".join(f"{key} = {value}\n" for key, value in (limits or {}).items())
     path = tmp / "config.toml"
     path.write_text(f"""
 [server]
@@ -65,6 +68,8 @@ timeout = 1.0
 dir = "policy.d"
 ca_file = "{world.dir / 'root.pem'}"
 
+[limits]
+{limits_table}
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 """)

@@ -519,6 +519,10 @@ def test_out_of_file_descriptors_is_resource_constraint(world, tmp_path, ports):
                 assert fields["soft"] == "128" and fields["hard"] == "128", fields
                 assert "below 2 x limits.max_connections" in fields.get("warning", ""), fields
                 await proxy.wait_log(r"event=ready")
+                # The own-TLSA check at start runs after ready; against this config's dead
+                # resolver its DNS sockets stay open for dns.timeout.  Count descriptors
+                # only once it has logged its verdict and closed them.
+                await proxy.wait_log(r"event=own-tlsa")
                 fd_dir = Path(f"/proc/{proxy.proc.pid}/fd")
                 base = len(os.listdir(fd_dir))
                 # Idle TCP connections, one descriptor each in the proxy, until one is left.

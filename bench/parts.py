@@ -4,7 +4,7 @@
     python3 bench/parts.py [--quick]
 
 - the XML framing alone (`proxy.xmlstream.XmlStreamParser.feed`), beside bare expat;
-- the inbound protocol in the relay state (`proxy.inbound.InboundSession.peer_data`: framing +
+- the inbound protocol in the relay state (`proxy.inbound_session.InboundSession.peer_data`: framing +
   the per-stanza from/to check + building the actions), fed TLS-record-sized chunks;
 - one verdict with a warm DNS cache: policy lookup, the proxy's `evidence_for`
   (`proxy.server.dns_evidence` -> `policy.peer_evidence.gather`) against the test resolver
@@ -73,7 +73,7 @@ def bare_expat(size: int, total: int, rounds: int) -> float:
 
 def relay_session():
     """An `InboundSession` driven, in memory, to the relay state with PEER -> LOCAL authenticated."""
-    from proxy.inbound import InboundSession
+    from proxy.inbound_session import InboundSession
     from proxy.tls import TlsInfo
 
     s = InboundSession([LOCAL])

@@ -178,7 +178,7 @@ def _positive_number(v: Any) -> float:
 
 def _non_negative_number(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf"):
-        raise ValueError("must be a number >= 0 (0 = off)")
+        raise ValueError("must be a finite number >= 0")
     return float(v)
 
 
@@ -223,12 +223,6 @@ def _backend(v: Any) -> str:
         return v
     parse_hostport(v)
     return v
-
-
-def _non_negative_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise ValueError("must be a number >= 0")
-    return float(v)
 
 
 def _probe_name(v: Any) -> str:

@@ -1,7 +1,7 @@
 """The gate as a table (DESIGN §3.1, deny by default): which first-level elements from a peer
 may reach the backend in each stream state, and what anything else gets.
 
-Pure data and one lookup, no I/O: `proxy.inbound.InboundSession` (every inbound listener:
+Pure data and one lookup, no I/O: `proxy.inbound_session.InboundSession` (every inbound listener:
 STARTTLS, Direct TLS, WebSocket -- the WebSocket framing turns messages into the same byte
 stream) and `proxy.outbound.OutboundSession` (what a peer sends back on a stream the proxy
 opened) ask `admit(stage, ns, name)` for every element and act on the answer.

@@ -10,7 +10,7 @@ own namespace declarations.
 Nothing else of the proxy changes for a WebSocket peer.  `WebSocketFraming` (sans-IO) turns
 the peer's messages into the byte stream a TCP peer would have sent, and the byte stream meant
 for the peer into messages; `WebSocketStream` is that translation as a `trio.abc.Stream`, so
-the inbound gate (`proxy.inbound.InboundSession`: header, dialback verdicts, stanza checks)
+the inbound gate (`proxy.inbound_session.InboundSession`: header, dialback verdicts, stanza checks)
 and the outbound relay run unchanged over it.  What differs is only how TLS happens: the peer
 did it before the HTTP upgrade, presenting its client certificate there, so there is no
 STARTTLS (RFC 7395 §3.7 forbids it inside) and the inbound session starts with the chain
@@ -47,7 +47,8 @@ from xml.parsers import expat
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from proxy.inbound import BACKEND_MAX_ELEMENT_BYTES, InboundConnection, InboundSettings
+from proxy.inbound import InboundConnection, InboundSettings
+from proxy.inbound_session import BACKEND_MAX_ELEMENT_BYTES
 from proxy.logsetup import format_peer, log_event
 from proxy.streamerrors import StreamError
 from proxy.tls import TlsError, TlsInfo, TlsStream

@@ -1,6 +1,6 @@
 """Model-based tests of the inbound gate (DESIGN §3.1, §2.6; issue 10).
 
-`GateMachine` drives `proxy.inbound.InboundSession` in memory with arbitrary sequences of
+`GateMachine` drives `proxy.inbound_session.InboundSession` in memory with arbitrary sequences of
 what a hostile peer can do -- stream headers (STARTTLS, Direct TLS, WebSocket-style secured
 transport), dialback elements in every spelling (prefix declared on the header, on the
 element, default namespace, a `db` prefix bound to another namespace, `xmlns=''`,
@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxy.inbound import (
+from proxy.inbound_session import (
     CheckDialback, Close, ConnectBackend, InboundSession, SendToBackend, StartTls,
 )
 from proxy.tls import TlsInfo

@@ -13,9 +13,10 @@ import socket
 import pytest
 import trio
 
-from proxy.inbound import (
+from proxy.inbound import proxy_protocol_v2
+from proxy.inbound_session import (
     MAX_DIALBACK_REJECTIONS, CheckDialback, Close, ConnectBackend, InboundSession, Negotiated, PeerDone,
-    SendToBackend, SendToPeer, StartTls, jid_domain, proxy_protocol_v2,
+    SendToBackend, SendToPeer, StartTls, jid_domain,
 )
 from proxy.xmlstream import NS_DIALBACK, NS_STREAMS, Element, StreamClosed, StreamOpened, XmlStreamParser
 from test_inbound_openssl import (

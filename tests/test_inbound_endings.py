@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.bounce import elements_in, error_reply, needs_error_reply
-from proxy.inbound import (
+from proxy.inbound_session import (
     BACKEND_GONE_LIMIT, BACKEND_GONE_QUIET, CLOSE_GRACE, Close, InboundSession, PeerGrace, SendToBackend,
     SendToPeer,
 )

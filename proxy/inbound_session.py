@@ -1,0 +1,976 @@
+"""The inbound protocol (DESIGN §3.1), sans-IO: peer -> proxy :5269 -> plaintext backend.
+
+`InboundSession` holds no sockets and never waits: the trio shell (`proxy.inbound`) feeds it
+what happened (bytes from the peer or the backend, TLS established, backend connected, a
+verdict) and performs the actions it returns, in order (`SendToPeer`, `StartTls`,
+`ConnectBackend`, `CheckDialback`, `Close`, ...), so every rule below is testable in memory.
+
+The flow, and what the peer gets when it breaks a rule (always with a `<text>` reason):
+
+1. Stream header: `to` must be a configured local domain (`host-unknown`).  A first byte
+   0x16 is a TLS ClientHello: Direct TLS (XEP-0368) on the same port.
+2. We answer with features offering only `<starttls><required/></starttls>`; anything but
+   `<starttls/>` is a `policy-violation`.  TLS: certificate by SNI or `to`, client
+   certificate requested (not required), TLS >= 1.2.
+3. After TLS the peer restarts the stream.  The backend connection is opened and that header
+   relayed; the backend's header and features go back to the peer without `<starttls/>`.
+4. Each `<db:result from=A to=B>` is judged: A's policy against the client certificate and
+   DNS evidence.  Reject -> a dialback error (XEP-0220 §2.4) or stream error `not-authorized`,
+   and the backend sees nothing of it.  Accept -> forwarded; the backend runs dialback as
+   usual.  `<db:verify>` (the peer checking a key of its own) passes ungated.
+5. A stanza reaches the backend only if its (from, to) domains are a pair we accepted AND the
+   backend confirmed with `<db:result type='valid'>` (`invalid-from` otherwise).
+6. Relay until either side closes, then close the other with `</stream:stream>` after
+   everything already received was passed on.
+"""
+from __future__ import annotations
+
+import functools
+import secrets
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from policy.domain_reading import DomainReadingError, domainpart, read_domain
+from policy.pkix_names import normalise_domain
+from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
+from proxy.gate import Passage, Refusal, Stage, admit, describe
+from proxy.tls import TlsInfo
+from proxy.xmlstream import (
+    NS_DIALBACK, NS_SERVER, NS_STANZA_ERRORS, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES,
+    Element, Node, StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
+    xml_attr, xml_text,
+)
+
+
+# After the peer ended its stream, how long the backend may take to end its own before we
+# close anyway (RFC 6120 §4.4 lets it flush first; it must not hold the connection forever).
+CLOSE_GRACE = 10.0
+# The backend's connection was lost: stanzas the peer sent before it learnt of it are still
+# arriving, and each is answered as undeliverable while our stream stays open.  The peer is
+# taken to have sent all of them once it has been quiet for a round trip with margin (0.5 s,
+# well above intercontinental RTTs); a peer that never falls quiet is closed after 5 s, so
+# new traffic soon goes to a new connection (and, once the backend is back, gets delivered).
+BACKEND_GONE_QUIET = 0.5
+BACKEND_GONE_LIMIT = 5.0
+
+NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+# Backend stream features the peer must not see.  STARTTLS: TLS is ours, the backend's port
+# is plaintext.  SASL: on this side peers authenticate with dialback, which the proxy gates;
+# a SASL exchange would authenticate them past the gate.  Bidirectional streams (XEP-0288)
+# would carry the backend's outgoing traffic past the outbound verification (DESIGN §3.2).
+_WITHHELD = frozenset({(NS_TLS, "starttls"), (NS_SASL, "mechanisms"), (NS_BIDI_FEATURE, "bidi")})
+_XML_DECL = b"<?xml version='1.0'?>"
+_PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+_FEATURES_STARTTLS = (
+    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+    b"</stream:features>"
+)
+# How a connection ended, for metrics (proxy/metrics.py CONNECTION_OUTCOMES): "ok" for a
+# stream relayed until one side closed it, the stream error condition we sent, or one of
+# tls-failed / closed-early / internal-error.  Conditions that have no series of their own
+# are counted under the nearest one.
+OUTCOMES = frozenset({
+    "ok", "host-unknown", "policy-violation", "not-authorized", "invalid-from", "not-well-formed",
+    "restricted-xml", "connection-timeout", "remote-connection-failed", "system-shutdown",
+    "tls-failed", "closed-early", "over-limit", "resource-constraint", "internal-error",
+})
+_OUTCOME_OF_CONDITION = {
+    "bad-format": "not-well-formed", "bad-namespace-prefix": "not-well-formed",
+    "invalid-namespace": "not-well-formed", "unsupported-encoding": "not-well-formed",
+    "improper-addressing": "invalid-from", "internal-server-error": "remote-connection-failed",
+    "unsupported-stanza-type": "policy-violation",
+}
+# Metronome closes a stream after 10 dialback failures; a peer that keeps asserting domains
+# it cannot prove is probing, and each attempt costs DNS lookups.
+MAX_DIALBACK_REJECTIONS = 10
+# Elements from the backend are trusted to be sane; the bound only caps memory.  1 MiB is
+# above Prosody's s2s default of 512 KiB, so nothing the backend legitimately sends is cut.
+BACKEND_MAX_ELEMENT_BYTES = 1 << 20
+
+
+# ================================================================================ actions
+
+@dataclass(frozen=True)
+class SendToPeer:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendToBackend:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTls:
+    """Hand the peer connection to TLS (server side).  `prefix`: bytes already read that
+    belong to the handshake.  `server_name`: the stream's `to` (None for Direct TLS)."""
+
+    server_name: str | None
+    prefix: bytes
+    direct: bool
+
+
+@dataclass(frozen=True)
+class ConnectBackend:
+    """Open the backend connection; answer with `backend_connected` or `backend_failed`."""
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The stream is up (TLS, restarted header, backend).  Informational: the handshake
+    timeout runs on until `Authenticated` (DESIGN §3.1 Deadlines)."""
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The backend confirmed the first domain pair (`<db:result type='valid'>`): the handshake
+    timeout ends here, `limits.idle_timeout` starts, and the connection no longer counts
+    against `limits.max_unauthenticated`."""
+
+
+@dataclass(frozen=True)
+class CheckDialback:
+    """Judge `sender`'s policy against the peer's certificate; answer with `verdict()`."""
+
+    sender: str
+    target: str
+
+
+@dataclass(frozen=True)
+class PeerDone:
+    """The peer ended its stream; stop reading it and wait for the backend to finish."""
+
+
+@dataclass(frozen=True)
+class PeerGrace:
+    """The backend's side of the stream is over; the peer may still be sending.  Call
+    `grace_over()` once the peer has sent nothing for `quiet` seconds (None: never mind) or
+    `limit` seconds have passed, whichever is first (RFC 6120 §4.4 bounds this wait)."""
+
+    quiet: float | None
+    limit: float
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close both connections (everything to send was sent by the actions before this).
+    `condition`: the stream error sent to the peer, if any; `reason`: for the log;
+    `outcome`: how the connection ended, as the metrics count it (see `OUTCOMES`)."""
+
+    reason: str
+    condition: str | None = None
+    outcome: str = "ok"
+
+
+Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | Authenticated | CheckDialback
+          | PeerDone | PeerGrace | Close)
+
+
+# ================================================================================ helpers
+
+# Reasons quote peer data (domains, element names); a peer must not make us log megabytes.
+_MAX_REASON_CHARS = 600
+
+
+def _domain(name: str) -> str:
+    """The one reading of `name` (DESIGN §2.6, `policy.domain_reading`): lower-case A-labels.
+    Raises `DomainReadingError` when backends could read it as another domain than we do."""
+    return read_domain(name)
+
+
+def _local_domain(name: str) -> str:
+    # Configured names come from the operator; one whose readings differ can never match a
+    # peer's (those are refused), so its UTS #46 form is as good as any.
+    try:
+        return read_domain(name)
+    except DomainReadingError:
+        return normalise_domain(name)
+
+
+def _unreadable(name: str) -> bool:
+    try:
+        _domain(name)
+        return False
+    except DomainReadingError:
+        return True
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "…"
+
+
+@functools.lru_cache(maxsize=4096)   # every stanza's from/to; few distinct JIDs per stream
+def jid_domain(jid: str) -> str:
+    """The domainpart of a JID (RFC 7622 §3.2) in its one reading: `user@Example.org/res` ->
+    `example.org`.  Raises `DomainReadingError` (DESIGN §2.6)."""
+    return read_domain(domainpart(jid))
+
+
+def dialback_error(sender: str, target: str, condition: str, text: str, *, name: str = "result",
+                   id: str | None = None) -> bytes:
+    """`<db:result type='error'>` (XEP-0220 §2.4) from our `target` to the peer's `sender`
+    (`name="verify"` and its `id` for a `<db:verify>`).
+
+    The element declares the dialback prefix itself: it must not depend on which prefixes
+    the backend's stream header happened to declare.
+    """
+    id_attr = f" id={xml_attr(id)}" if id is not None else ""
+    return (
+        f"<db:{name} xmlns:db={xml_attr(NS_DIALBACK)} from={xml_attr(target)} to={xml_attr(sender)}{id_attr} "
+        f"type='error'><error type='cancel'><{condition} xmlns={xml_attr(NS_STANZA_ERRORS)}/>"
+        f"<text xmlns={xml_attr(NS_STANZA_ERRORS)} xml:lang='en'>{xml_text(text)}</text></error></db:{name}>"
+    ).encode("utf-8")
+
+
+def _describe(element: Node) -> str:
+    return describe(element.ns, element.name)
+
+
+# ================================================================================ the protocol
+
+class InboundSession:
+    """The inbound stream's protocol state, sans-IO.  See the module docstring for the rules.
+
+    Inputs return the list of actions to perform, in order.  Peer events are processed one
+    at a time: while the session waits for TLS, the backend or a verdict, later events wait
+    in a queue, so nothing is reordered and nothing is judged before its turn.
+    """
+
+    def __init__(
+        self,
+        local_domains: Collection[str],
+        *,
+        max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+        backend_max_element_bytes: int = BACKEND_MAX_ELEMENT_BYTES,
+        describe_backend: str = "the backend",
+    ) -> None:
+        self.local_domains = frozenset(_local_domain(d) for d in local_domains)
+        self.max_stanza_bytes = max_stanza_bytes
+        self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
+        self.describe_backend = describe_backend
+        # start header starttls tls tls-header connecting relay peer-done draining closed;
+        # backend-done: the backend ended its stream, the peer's stanzas still go to it;
+        # backend-gone: the backend's connection is lost, the peer's stanzas are returned.
+        self.state = "start"
+        self.direct_tls = False
+        self.tls: TlsInfo | None = None
+        self.local_domain: str | None = None     # the stream's `to`
+        self.peer_domain: str | None = None      # the stream's `from`, if given
+        self.dialback_errors = False             # peer declared jabber:server:dialback
+        self.accepted: set[tuple[str, str]] = set()       # (sender, target) our policy accepted
+        self.rejected: dict[tuple[str, str], str] = {}    # ... and rejected, with the reason
+        self.authenticated: set[tuple[str, str]] = set()  # accepted AND backend said valid
+        self.rejections = 0
+        self.backend_stream_id: str | None = None
+        self._peer_parser = XmlStreamParser(max_stanza_bytes=max_stanza_bytes, stop_after=self._is_starttls)
+        self._backend_parser: XmlStreamParser | None = None
+        self._queue: deque = deque()
+        self._waiting: CheckDialback | ConnectBackend | StartTls | None = None
+        self._pending_result: Element | None = None
+        self._peer_header: StreamOpened | None = None
+        self._header_sent = False      # has the peer seen a stream header on this stream?
+        self._backend_header_seen = False
+        self._backend_closed_sent = False
+        self._backend_lost = False      # the backend's connection is gone (EOF or a failed send)
+        self._gone_reason = ""
+        self.returned = 0               # stanzas answered with an error because the backend was gone
+        self.undeliverable = 0          # ... and those that could not even be answered
+        # How the session ended (the Close it emitted), whether or not the shell got to it.
+        self.ending: Close | None = None
+        self._out: list[Action] = []
+
+    # ------------------------------------------------------------------ state queries
+
+    @property
+    def negotiated(self) -> bool:
+        return self.state in ("relay", "peer-done", "draining", "backend-done", "backend-gone")
+
+    @property
+    def reading_peer(self) -> bool:
+        """Whether the shell should read from the peer now."""
+        return self.state in ("start", "header", "starttls", "tls-header", "connecting", "relay", "draining",
+                              "backend-done", "backend-gone")
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    @staticmethod
+    def _is_starttls(element: Element) -> bool:
+        return element.name == "starttls" and element.ns == NS_TLS
+
+    # ------------------------------------------------------------------ inputs: peer
+
+    def peer_data(self, data: bytes) -> list[Action]:
+        """Bytes from the peer (plaintext before TLS, decrypted after)."""
+        if self.closed or not data:
+            return []
+        if self.state == "start":
+            # XEP-0368 §3: Direct TLS on the S2S port; a TLS record starts with 0x16
+            # (handshake), while an XML stream starts with '<', whitespace or a BOM.
+            if data[0] == 0x16:
+                self.state = "tls"
+                self.direct_tls = True
+                self._waiting = StartTls(None, data, True)
+                return [self._waiting]
+            self.state = "header"
+        self._queue.extend(self._peer_parser.feed(data))
+        return self._drain()
+
+    def peer_eof(self, reason: str = "") -> list[Action]:
+        """The peer's connection ended (or broke) without `</stream:stream>`."""
+        if self.closed:
+            return []
+        why = f"peer closed the connection{': ' + reason if reason else ''}"
+        if self.state == "draining":
+            self._finish_drain(why)
+            return self._take()
+        if self.state == "backend-gone":
+            self._close(why, outcome="remote-connection-failed")
+            return self._take()
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close(f"the backend closed the stream, then the {why}")
+            return self._take()
+        if self.state in ("relay", "peer-done"):
+            self._end_backend_stream()
+            if self.state == "relay":
+                self.state = "peer-done"
+                self._out.append(PeerDone())
+            return self._take()
+        self._close(why)
+        return self._take()
+
+    def peer_broken(self, reason: str) -> list[Action]:
+        """Sending to the peer failed: nothing more can reach it."""
+        if self.closed:
+            return []
+        self._end_backend_stream()
+        self._close(f"peer connection lost: {reason}")
+        return self._take()
+
+    # ------------------------------------------------------------------ inputs: TLS
+
+    def tls_established(self, info: TlsInfo) -> list[Action]:
+        if self.state != "tls":
+            return []
+        self.tls = info
+        self._waiting = None
+        self.state = "tls-header"
+        # RFC 6120 §5.4.3.3: after TLS both sides restart with fresh parsers and headers.
+        self._peer_parser = XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes)
+        self._header_sent = False
+        return self._drain()
+
+    def transport_secured(self, info: TlsInfo) -> list[Action]:
+        """The transport was TLS before the first XMPP byte and has no STARTTLS of its own
+        (XEP-0468: WebSocket over wss, the client certificate presented there).  The session
+        starts where `tls_established` leaves a STARTTLS stream: waiting for the one stream
+        header, with the peer's chain known.  Call before any `peer_data`."""
+        if self.state != "start":
+            return []
+        self.state, self.direct_tls = "tls", True
+        return self.tls_established(info)
+
+    def peer_error(self, condition: str, text: str) -> list[Action]:
+        """The transport found the peer's framing broken (for WebSocket, RFC 7395 §3.3.3: a
+        message that is not one complete element): the stream error bad XML in a TCP stream
+        gets, after the events already queued."""
+        if self.closed:
+            return []
+        self._queue.append(XmlError(condition, text))
+        return self._drain()
+
+    def tls_failed(self, reason: str, *, peer_spoke_tls: bool = True) -> list[Action]:
+        """The handshake failed.  OpenSSL's alert already went out; a STARTTLS peer that did
+        not even send a TLS record gets a plaintext stream error it can read."""
+        if self.closed:
+            return []
+        if not self.direct_tls and not peer_spoke_tls:
+            self.state = "starttls"   # still plaintext: our header went out, an error can follow
+            self._error("policy-violation", f"expected a TLS handshake after <proceed/>: {reason}")
+            return self._take()
+        self._close(reason, outcome="tls-failed")
+        return self._take()
+
+    # ------------------------------------------------------------------ inputs: backend
+
+    def backend_connected(self) -> list[Action]:
+        if self.state != "connecting":
+            return []
+        self._waiting = None
+        self._backend_parser = XmlStreamParser(max_stanza_bytes=self.backend_max_element_bytes)
+        assert self._peer_header is not None
+        self._out.append(SendToBackend(_XML_DECL + self._peer_header.raw))
+        self.state = "relay"
+        self._out.append(Negotiated())
+        return self._drain()
+
+    def backend_failed(self, reason: str, condition: str = "remote-connection-failed") -> list[Action]:
+        """The backend connection could not be opened: `remote-connection-failed`, or
+        `resource-constraint` when the proxy itself ran out of descriptors or memory."""
+        if self.state != "connecting":
+            return []
+        self._error(condition, reason)
+        return self._take()
+
+    def backend_data(self, data: bytes) -> list[Action]:
+        if self.closed or self._backend_parser is None or not data:
+            return []
+        events = self._backend_parser.feed(data)
+        if (not events and self.state in ("relay", "peer-done") and self._backend_header_seen
+                and not data.strip() and self._backend_parser.buffered == 0):
+            # RFC 6120 §4.6.1: whitespace between elements is the backend's keepalive; pass
+            # one space on, so the peer's idle timers see the stream alive.
+            self._out.append(SendToPeer(b" "))
+        for event in events:
+            if self.state == "draining":
+                # Our stream to the peer is closed (RFC 6120 §4.4: nothing more may be sent on
+                # it); the backend sees its stream end once the peer has finished.
+                if isinstance(event, StreamClosed):
+                    self._backend_closed_sent = True
+                    self._close("the backend closed the stream", outcome="system-shutdown")
+                    break
+                continue
+            if isinstance(event, Element):
+                self._from_backend(event)
+            elif isinstance(event, StreamOpened):
+                self._backend_header_seen = True
+                self._header_sent = True
+                self.backend_stream_id = event.id
+                self._out.append(SendToPeer(_XML_DECL + event.raw))
+            elif isinstance(event, StreamClosed):
+                self._out.append(SendToPeer(STREAM_CLOSE))
+                if self.state == "relay":
+                    # RFC 6120 §4.4: the backend closed first and keeps reading until we close
+                    # too.  The peer gets the close and may still send what it had under way:
+                    # that goes to the backend until the peer closes (bounded), then ours.
+                    self.state = "backend-done"
+                    self._out.append(PeerGrace(None, CLOSE_GRACE))
+                    return self._take()
+                self._close("the backend closed the stream")   # peer-done: both have closed
+                return self._take()
+            elif isinstance(event, XmlError):
+                self._end_backend_stream()
+                self._error("internal-server-error",
+                            f"{self.describe_backend} sent bad XML ({event.condition}: {event.text})")
+                return self._take()
+            if self.closed:
+                break
+        return self._take()
+
+    def backend_eof(self, reason: str = "") -> list[Action]:
+        """The backend connection ended (or broke) without `</stream:stream>`."""
+        if self.closed:
+            return []
+        self._backend_lost = self._backend_closed_sent = True
+        why = f"{self.describe_backend} closed the connection{': ' + reason if reason else ''}"
+        if self.state == "draining":
+            self._close(why, outcome="system-shutdown")
+            return self._take()
+        if not self._backend_header_seen:
+            self._error("remote-connection-failed", why + " before answering the stream")
+            return self._take()
+        if self.state == "relay":
+            # The backend is gone (crashed, or restarted without ending its stream).  What
+            # the peer sends from now on cannot be delivered: each stanza is answered with an
+            # error (RFC 6120 §8.3, proxy/bounce.py) while our stream stays open, until the
+            # peer falls quiet (what it had under way has arrived) or a bound passes; then
+            # the stream ends with remote-connection-failed.
+            self.state, self._gone_reason = "backend-gone", why
+            self._out.append(PeerGrace(BACKEND_GONE_QUIET, BACKEND_GONE_LIMIT))
+            return self._take()
+        if self.state == "backend-done":
+            return []   # already closed towards the peer; its late stanzas are counted, not sent
+        self._out.append(SendToPeer(STREAM_CLOSE))
+        self._close(why)
+        return self._take()
+
+    def backend_send_failed(self, data: bytes, reason: str) -> list[Action]:
+        """Sending `data` to the backend failed: its connection is gone.  The stanzas in
+        `data` are answered as undeliverable (where the stream to the peer is still open)."""
+        if self.closed:
+            return []
+        lost = elements_in(data, self._peer_header.raw if self._peer_header else b"", self.backend_max_element_bytes)
+        ended = self.backend_eof(reason)   # (it resets self._out: extend the new one)
+        self._out.extend(ended)
+        for el in lost:
+            self._undeliverable(el)
+        return self._take()
+
+    def backend_silent(self, seconds: float) -> list[Action]:
+        """The backend accepted the connection but sent no stream header in `seconds`."""
+        if self.closed or self._backend_header_seen or self.state not in ("relay", "connecting"):
+            return []
+        self._end_backend_stream()
+        self._error("remote-connection-failed",
+                    f"{self.describe_backend} accepted the connection but sent no stream header within {seconds:g} s")
+        return self._take()
+
+    def grace_over(self) -> list[Action]:
+        """The wait announced by `PeerGrace` is over: end the stream."""
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close("the backend closed the stream; the peer did not close its own in time")
+        elif self.state == "backend-gone":
+            self._error("remote-connection-failed", self._gone_reason)
+        return self._take()
+
+    def _undeliverable(self, el: Element) -> None:
+        """A stanza for a backend that is gone: an error back to its sender while our stream
+        to the peer is open (RFC 6120 §8.3), else counted for the log."""
+        if not needs_error_reply(el):
+            return
+        if self.state == "backend-gone":
+            self.returned += 1
+            self._out.append(SendToPeer(error_reply(
+                el, f"not delivered: the receiving server is unavailable ({self._gone_reason})")))
+        else:
+            self.undeliverable += 1
+
+    # ------------------------------------------------------------------ inputs: verdicts, time
+
+    def verdict(self, sender: str, target: str, accepted: bool, reason: str) -> list[Action]:
+        """The answer to `CheckDialback(sender, target)`."""
+        waiting = self._waiting
+        if not isinstance(waiting, CheckDialback) or (waiting.sender, waiting.target) != (sender, target):
+            return []
+        element, self._pending_result, self._waiting = self._pending_result, None, None
+        pair = (sender, target)
+        if accepted:
+            self.accepted.add(pair)
+            self.rejected.pop(pair, None)
+            if not self._backend_closed_sent:   # the peer may have ended meanwhile
+                self._out.append(SendToBackend(element.raw))
+        else:
+            self.rejected[pair] = reason
+            self._reject_dialback(sender, target, reason)
+        if self.closed:
+            return self._take()
+        return self._drain()
+
+    def timed_out(self, seconds: float) -> list[Action]:
+        """The handshake timeout expired (normally before the stream was negotiated)."""
+        if self.closed:
+            return []
+        if self.negotiated and not self._backend_header_seen:
+            return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
+        if self.negotiated:
+            # DESIGN §3.1 Deadlines: the handshake ends when the backend confirms a pair.
+            self._end_backend_stream()
+            self._error("connection-timeout", f"no domain pair authenticated within {seconds:g} s "
+                        "(limits.handshake_timeout)")
+            return self._take()
+        if self.state == "tls":
+            self._close(f"TLS handshake not completed within {seconds:g} s", outcome="connection-timeout")
+            return self._take()
+        if self.state == "connecting":
+            self._error("remote-connection-failed",
+                        f"{self.describe_backend} did not accept the connection within {seconds:g} s")
+            return self._take()
+        self._error("connection-timeout", f"stream negotiation not completed within {seconds:g} s")
+        return self._take()
+
+    def idle_timed_out(self, seconds: float) -> list[Action]:
+        """No byte from the peer for `limits.idle_timeout` seconds after authentication."""
+        if self.closed:
+            return []
+        self._end_backend_stream()
+        self._error("connection-timeout", f"nothing received from the peer for {seconds:g} s (limits.idle_timeout)")
+        return self._take()
+
+    def shutdown(self, text: str = "the proxy is shutting down") -> list[Action]:
+        """The proxy stops (RFC 6120 §4.9.3.19 system-shutdown)."""
+        if self.closed:
+            return []
+        if self.state == "tls":
+            self._close(text, outcome="system-shutdown")
+            return self._take()
+        if self.state == "relay":
+            # RFC 6120 §4.4: we close our stream (system-shutdown, §4.9.3.19) but keep
+            # processing what the peer sent before it saw that; the backend's stream ends
+            # once the peer closes its side (or the drain time of the shell runs out).
+            self._out.append(SendToPeer(stream_error("system-shutdown", text)))
+            self.state = "draining"
+            return self._take()
+        if self.state in ("draining", "backend-done"):
+            return []   # our stream to the peer is closed already; the drain bound applies
+        self._end_backend_stream()
+        self._error("system-shutdown", text)
+        return self._take()
+
+    def stopped(self, text: str = "the proxy stopped") -> list[Action]:
+        """The proxy stops now: the drain time is over (or the task was cancelled).  The
+        backend's stream always gets its closing tag; the peer gets system-shutdown unless
+        our stream to it is closed already."""
+        if self.closed:
+            return []
+        if self.state in ("draining", "backend-done"):
+            self._end_backend_stream()
+            self._close(f"{text}: the peer did not close its stream in time", outcome="system-shutdown")
+        elif self.state == "tls":
+            self._close(text, outcome="system-shutdown")
+        else:
+            self._end_backend_stream()
+            self._error("system-shutdown", text)
+        return self._take()
+
+    def revoked(self, condition: str, text: str) -> list[Action]:
+        """DESIGN §3.4: a pair accepted earlier is no longer accepted after re-verification:
+        the backend's stream ends politely, the peer gets stream error `condition` with `text`."""
+        if self.closed:
+            return []
+        self._end_backend_stream()
+        self._error(condition, text)
+        return self._take()
+
+    def _finish_drain(self, why: str) -> None:
+        self._end_backend_stream()
+        self._close(why, outcome="system-shutdown")
+
+    # ------------------------------------------------------------------ peer events
+
+    def _drain(self) -> list[Action]:
+        while self._queue and self._waiting is None and not self.closed:
+            event = self._queue.popleft()
+            if isinstance(event, XmlError):
+                self._end_backend_stream()
+                self._error(event.condition, event.text)
+            elif isinstance(event, StreamOpened):
+                self._on_header(event)
+            elif isinstance(event, StreamClosed):
+                self._on_peer_close()
+            else:
+                self._on_element(event)
+        return self._take()
+
+    def _on_header(self, header: StreamOpened) -> None:
+        self._peer_header = header
+        if header.content_ns != NS_SERVER:
+            # RFC 6120 §4.8.2 / §4.9.3.10: this port serves jabber:server only.
+            self._error("invalid-namespace",
+                        f"the stream's default namespace is {header.content_ns or 'missing'!r}; "
+                        f"this is a server-to-server port ({NS_SERVER!r})")
+            return
+        if not header.to:
+            self._error("improper-addressing", "the stream header has no 'to' attribute naming our domain")
+            return
+        try:
+            to = _domain(header.to)
+        except DomainReadingError as exc:
+            self._error("improper-addressing", f"the stream header's 'to': {exc}")
+            return
+        if to not in self.local_domains:
+            self._error("host-unknown", f"{header.to!r} is not a domain served here")
+            return
+        self.local_domain = to
+        try:
+            self.peer_domain = _domain(header.from_) if header.from_ else None
+        except DomainReadingError as exc:
+            # The backend reads the header's 'from' too (e.g. Prosody's session.from_host).
+            self._error("invalid-from", f"the stream header's 'from': {exc}")
+            return
+        if self.state == "header":
+            if header.version is None or not header.version.startswith("1."):
+                self._error("policy-violation",
+                            "TLS is required, but a stream without version='1.0' cannot negotiate STARTTLS")
+                return
+            self._out.append(SendToPeer(stream_header(
+                from_=header.to, to=header.from_, id=secrets.token_hex(8)) + _FEATURES_STARTTLS))
+            self._header_sent = True
+            self.state = "starttls"
+        elif self.state == "tls-header":
+            # XEP-0220 §2.4.1: a peer announces dialback by declaring its namespace.
+            self.dialback_errors = NS_DIALBACK in header.namespaces.values()
+            self.state = "connecting"
+            self._waiting = ConnectBackend()
+            self._out.append(self._waiting)
+        else:  # a second header without a restart
+            self._error("not-well-formed", "unexpected stream header")
+
+    def _on_peer_close(self) -> None:
+        if self.state == "draining":
+            self._finish_drain("the peer closed its stream after system-shutdown")
+            return
+        if self.state == "backend-done":
+            self._end_backend_stream()
+            self._close("the backend closed the stream, then the peer")
+            return
+        if self.state == "backend-gone":
+            self._out.append(SendToPeer(STREAM_CLOSE))
+            self._close(self._gone_reason + "; then the peer closed its stream", outcome="remote-connection-failed")
+            return
+        if self.state in ("relay", "peer-done"):
+            self._end_backend_stream()
+            self.state = "peer-done"
+            self._out.append(PeerDone())
+            return
+        if self._header_sent:
+            self._out.append(SendToPeer(STREAM_CLOSE))
+        self._close("the peer closed the stream during negotiation")
+
+    def _on_element(self, el: Element) -> None:
+        if self.state == "starttls":
+            if self._is_starttls(el):
+                self._out.append(SendToPeer(_PROCEED))
+                self.state = "tls"
+                self._waiting = StartTls(self.local_domain, self._peer_parser.trailing, False)
+                self._out.append(self._waiting)
+            else:
+                self._error("policy-violation", f"STARTTLS is required; got {_describe(el)} instead of <starttls/>")
+            return
+        if self.state in ("draining", "backend-done", "backend-gone") and el.ns == NS_DIALBACK:
+            return   # no new authentications on a stream that is closing
+        if self.state == "backend-gone" and not (el.ns == NS_SERVER and el.name in _STANZAS):
+            return   # nothing else expects an answer, and the backend is gone
+        if self.state not in ("relay", "draining", "backend-done", "backend-gone"):
+            self._error("not-authorized", f"{_describe(el)} before the stream was negotiated")
+            return
+        # Deny by default (DESIGN §3.1): the table in proxy/gate.py says how each element passes.
+        stage = Stage.INBOUND_AUTHENTICATED if self.authenticated else Stage.INBOUND_UNAUTHENTICATED
+        rule = admit(stage, el.ns, el.name)
+        if isinstance(rule, Refusal):
+            self._end_backend_stream()
+            self._error(rule.condition, f"{_describe(el)} {rule.why}")
+        elif rule is Passage.JUDGE:
+            self._on_dialback_result(el)
+        elif rule is Passage.VERIFY:
+            self._on_dialback_verify(el)
+        elif rule is Passage.STANZA:
+            self._on_stanza(el)
+        elif rule is Passage.RELAY:
+            self._out.append(SendToBackend(el.raw))   # XEP-0198 elements, <stream:error>
+        # Passage.SWALLOW: the peer's parting <stream:error> before authentication; the
+        # backend just sees the stream end (DESIGN §3.1 step 3).
+
+    def _on_dialback_result(self, el: Element) -> None:
+        sender, target = el.attrs.get("from"), el.attrs.get("to")
+        if not sender or not target:
+            self._end_backend_stream()
+            self._error("improper-addressing", "<db:result> needs both 'from' and 'to' (XEP-0220 §2.1.1)")
+            return
+        readings = self._read_dialback_pair(el, sender, target)
+        if readings is None:
+            return
+        sender, target = pair = readings
+        if target not in self.local_domains:
+            reason = _clip(f"{target!r} is not a domain served here")
+            if self.dialback_errors:
+                self._count_rejection()
+                if not self.closed:
+                    self._out.append(SendToPeer(dialback_error(sender, target, "item-not-found", reason)))
+            else:
+                self._end_backend_stream()
+                self._error("host-unknown", reason)
+            return
+        if pair in self.accepted:
+            self._out.append(SendToBackend(el.raw))  # renewed key for an accepted pair
+            return
+        if pair in self.rejected:
+            self._reject_dialback(sender, target, self.rejected[pair])
+            return
+        self._pending_result = el
+        self._waiting = CheckDialback(sender, target)
+        self._out.append(self._waiting)
+
+    def _read_dialback_pair(self, el: Element, sender: str, target: str) -> tuple[str, str] | None:
+        """(from, to) of a dialback element in their one reading (DESIGN §2.6), or None after
+        refusing it: a dialback error (jid-malformed, RFC 6120 §8.3.3.8) if the peer
+        understands them, else a stream error."""
+        try:
+            return _domain(sender), _domain(target)
+        except DomainReadingError as exc:
+            which = "from" if _unreadable(sender) else "to"
+            text = _clip(f"<db:{el.name}> '{which}': {exc}")
+            if self.dialback_errors:
+                self._count_rejection()
+                if not self.closed:
+                    self._out.append(SendToPeer(dialback_error(
+                        sender, target, "jid-malformed", text, name=el.name,
+                        id=el.attrs.get("id") if el.name == "verify" else None)))
+            else:
+                self._end_backend_stream()
+                self._error("invalid-from" if which == "from" else "improper-addressing", text)
+            return None
+
+    def _on_dialback_verify(self, el: Element) -> None:
+        """<db:verify>: the peer, as receiving server, asks our backend (as the authoritative
+        server) about a key; it asserts nothing about the peer, so it is not judged (DESIGN
+        §3.1 step 4).  But the backend reads its addresses: one reading each, and 'to' must be
+        a domain served here (XEP-0220 §2.1.2: the originating server's own domain)."""
+        sender, target = el.attrs.get("from"), el.attrs.get("to")
+        if not sender or not target or not el.attrs.get("id"):
+            self._end_backend_stream()
+            self._error("improper-addressing", "<db:verify> needs 'from', 'to' and 'id' (XEP-0220 §2.1.2)")
+            return
+        readings = self._read_dialback_pair(el, sender, target)
+        if readings is None:
+            return
+        if readings[1] not in self.local_domains:
+            reason = _clip(f"{readings[1]!r} is not a domain served here")
+            if self.dialback_errors:
+                self._count_rejection()
+                if not self.closed:
+                    self._out.append(SendToPeer(dialback_error(
+                        readings[0], readings[1], "item-not-found", reason, name="verify", id=el.attrs["id"])))
+            else:
+                self._end_backend_stream()
+                self._error("host-unknown", reason)
+            return
+        self._out.append(SendToBackend(el.raw))
+
+    def _reject_dialback(self, sender: str, target: str, reason: str) -> None:
+        text = _clip(f"{sender} not authenticated: {reason}")
+        if self.dialback_errors:
+            # XEP-0220 §2.4: a dialback error is not fatal for the stream; other domain
+            # pairs on it keep working.
+            self._count_rejection()
+            if not self.closed:
+                self._out.append(SendToPeer(dialback_error(sender, target, "not-authorized", text)))
+        else:
+            self._end_backend_stream()
+            self._error("not-authorized", text)
+
+    def _count_rejection(self) -> None:
+        self.rejections += 1
+        if self.rejections >= MAX_DIALBACK_REJECTIONS:
+            self._end_backend_stream()
+            self._error("policy-violation", f"{self.rejections} dialback requests rejected on this stream")
+
+    def _on_stanza(self, el: Element) -> None:
+        sender, target = el.attrs.get("from"), el.attrs.get("to")
+        if not sender or not target:
+            # RFC 6120 §8.1.1.2 / §8.1.2.2: on S2S streams both addresses are required.
+            self._end_backend_stream()
+            self._error("improper-addressing", f"{_describe(el)} without 'from' and 'to'")
+            return
+        try:
+            from_domain = jid_domain(sender)
+        except DomainReadingError as exc:
+            self._end_backend_stream()
+            self._error("invalid-from", f"{_describe(el)} 'from': {exc}")
+            return
+        try:
+            to_domain = jid_domain(target)
+        except DomainReadingError as exc:
+            self._end_backend_stream()
+            self._error("improper-addressing", f"{_describe(el)} 'to': {exc}")
+            return
+        pair = (from_domain, to_domain)
+        if pair in self.authenticated:
+            if self._backend_lost:
+                self._undeliverable(el)
+            else:
+                self._out.append(SendToBackend(el.raw))
+            return
+        if self.authenticated:
+            have = ", ".join(f"{a}->{b}" for a, b in sorted(self.authenticated))
+            why = f"{_describe(el)} from {pair[0]} to {pair[1]}, but only {have} is authenticated on this stream"
+        else:
+            why = f"{_describe(el)} from {pair[0]} to {pair[1]} before any domain was authenticated"
+        self._end_backend_stream()
+        self._error("invalid-from", why)
+
+    # ------------------------------------------------------------------ backend events
+
+    def _from_backend(self, el: Element) -> None:
+        if el.ns == NS_STREAMS and el.name == "features":
+            self._out.append(SendToPeer(el.raw_without(lambda child: (child.ns, child.name) in _WITHHELD)))
+            return
+        if el.ns == NS_DIALBACK and el.name == "result" and el.attrs.get("type") == "valid":
+            # XEP-0220 §2.2.1 step 4: the backend confirms (to=sender, from=target).
+            try:
+                pair = (_domain(el.attrs.get("to", "")), _domain(el.attrs.get("from", "")))
+            except DomainReadingError:
+                pair = None   # nothing we accepted: accepted pairs are in their one reading
+            if pair in self.accepted and pair not in self.authenticated:
+                if not self.authenticated:
+                    self._out.append(Authenticated())
+                self.authenticated.add(pair)
+        self._out.append(SendToPeer(el.raw))
+
+    # ------------------------------------------------------------------ endings
+
+    def _end_backend_stream(self) -> None:
+        """Close the backend's stream politely (after everything already forwarded)."""
+        if self.state in ("relay", "peer-done", "draining", "backend-done") and not self._backend_closed_sent:
+            self._backend_closed_sent = True
+            self._out.append(SendToBackend(STREAM_CLOSE))
+
+    def _error(self, condition: str, text: str) -> None:
+        """Collect stream error `condition` for the peer (with our header first if the peer
+        has not seen one: RFC 6120 §4.9.1.1) and the close."""
+        if self.closed:
+            return
+        text = _clip(text)
+        if self.state in ("draining", "backend-done"):
+            # Our stream to the peer is already closed: no second error on it.
+            self._end_backend_stream()
+            self._close(text, condition)
+            return
+        if self.state == "tls":
+            self._close(text, condition)
+            return
+        header = b""
+        if not self._header_sent:
+            to = self._peer_header.from_ if self._peer_header else None
+            frm = self.local_domain or (self._peer_header.to if self._peer_header else None)
+            header = stream_header(from_=frm, to=to, id=secrets.token_hex(8))
+        self._out.append(SendToPeer(header + stream_error(condition, text)))
+        self._header_sent = True
+        self._close(text, condition)
+
+    def _close(self, reason: str, condition: str | None = None, outcome: str | None = None) -> None:
+        if not self.closed:
+            if outcome is None:
+                if condition is not None:
+                    outcome = _OUTCOME_OF_CONDITION.get(condition, condition)
+                else:
+                    outcome = "ok" if self.negotiated else "closed-early"
+            if self.returned or self.undeliverable:
+                reason += (f" ({self.returned} stanzas returned as undeliverable, "
+                           f"{self.undeliverable} arrived too late to be answered)")
+            self.state = "closed"
+            self._queue.clear()
+            self._waiting = None
+            # A condition outside OUTCOMES would be a bug here, not an escaped exception.
+            self.ending = Close(_clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
+            self._out.append(self.ending)
+
+    def _take(self) -> list[Action]:
+        """The collected actions, with adjacent sends to the same side merged.  Only inputs
+        call this; the handlers they call just append to `_out`."""
+        actions, self._out = self._out, []
+        if len(actions) < 2:
+            return actions
+        # One join per run of sends to the same side (not `a + b` per stanza, which re-copies
+        # the run so far for every stanza of a read: quadratic in stanzas per read).
+        out: list[Action] = []
+        run: list[bytes] = []
+        kind: type | None = None
+        for action in actions:
+            cls = type(action)
+            if cls is kind:
+                run.append(action.data)
+                continue
+            if run:
+                out.append(kind(run[0] if len(run) == 1 else b"".join(run)))
+                run = []
+            if cls is SendToPeer or cls is SendToBackend:
+                kind = cls
+                run.append(action.data)
+            else:
+                kind = None
+                out.append(action)
+        if run:
+            out.append(kind(run[0] if len(run) == 1 else b"".join(run)))
+        return out
+
+
+__all__ = [
+    "Action", "Authenticated", "BACKEND_GONE_LIMIT", "BACKEND_GONE_QUIET", "CLOSE_GRACE", "CheckDialback", "Close",
+    "ConnectBackend", "InboundSession", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "PeerGrace",
+    "SendToBackend", "SendToPeer", "StartTls", "dialback_error", "jid_domain",
+]

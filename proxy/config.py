@@ -6,7 +6,7 @@ must not silently fall back to a default).  Problems are collected and raised to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +58,11 @@ class InboundConfig:
     proxy_protocol: bool = False
     # XEP-0468 WebSocket S2S (wss only); empty = off, as most deployments need no HTTP path in.
     websocket_listen: list[str] = field(default_factory=list)
+    # DESIGN §3.3: offer SASL EXTERNAL to peers that present a certificate, and authenticate
+    # them to the backend by dialback with a key only the proxy knows.  The backend checks that
+    # key through its outbound S2S, so this only works when that goes through
+    # `outbound.listen`: unset = on exactly when `outbound.listen` is non-empty.
+    sasl_external: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +262,8 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
     "server": (ServerConfig, {"workers": _workers}),
     "inbound": (InboundConfig, {"listen": _list_of(_listen), "backend": _backend,
-                                "proxy_protocol": _bool, "websocket_listen": _list_of(_listen)}),
+                                "proxy_protocol": _bool, "websocket_listen": _list_of(_listen),
+                                "sasl_external": _bool}),
     "outbound": (OutboundConfig, {"listen": _list_of(_listen)}),
     "dns": (DnsConfig, {"nameservers": _list_of(_nameserver), "trust_ad_from": _list_of(_str),
                         "timeout": _positive_number, "probe": _probe_name,
@@ -324,6 +330,10 @@ def config_and_errors(doc: TomlDocument) -> tuple[Config, list[str]]:
         dir=str(base / pol.dir) if pol.dir else "",
         ca_file=str(base / pol.ca_file) if pol.ca_file else "",
     )
+    inbound = sections.get("inbound", InboundConfig())
+    if inbound.sasl_external is None:
+        outbound = sections.get("outbound", OutboundConfig())
+        sections["inbound"] = replace(inbound, sasl_external=bool(outbound.listen))
     return Config(domains=domains, path=doc.path, **sections), errors
 
 

@@ -17,6 +17,7 @@ import trio
 
 from proxy.admission import UnauthenticatedSlot
 from proxy.config import parse_hostport
+from proxy.dialback_keys import DialbackKeys
 from proxy.fdlimit import out_of_resources
 from proxy.inbound_session import (
     CLOSE_GRACE, Action, Authenticated, CheckDialback, Close,
@@ -61,6 +62,10 @@ class InboundSettings:
     # `proxy.server.dns_evidence` attached to its evidence function (same resolver, same cache).
     posh: object | None = None
     reverify: object | None = None             # proxy.reverify.Reverifier (DESIGN §3.4)
+    # DESIGN §3.3: offer SASL EXTERNAL (config inbound.sasl_external); the keys the proxy
+    # mints for dialback on a peer's behalf, shared with the outbound side that answers them.
+    sasl_external: bool = False
+    dialback_keys: DialbackKeys = field(default_factory=DialbackKeys)
 
     def __post_init__(self) -> None:
         if not self.local_domains:

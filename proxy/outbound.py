@@ -52,6 +52,7 @@ from proxy.gate import Passage, Refusal, Stage, admit, describe
 from proxy.connect import (
     DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts, new_stream_id,
 )
+from proxy.dialback_keys import DialbackKeys
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision, log_event
 from proxy.streamerrors import StreamError
@@ -496,6 +497,9 @@ class OutboundContext:
     happy_eyeballs_delay: float = HAPPY_EYEBALLS_DELAY
     metrics: object | None = None   # proxy.metrics.Metrics
     reverify: object | None = None  # proxy.reverify.Reverifier (DESIGN §3.4)
+    # Keys the inbound side minted for dialback on a peer's behalf (DESIGN §3.3): the
+    # backend's `<db:verify>` of one is answered here, with no connection to the peer.
+    dialback_keys: DialbackKeys = field(default_factory=DialbackKeys)
 
     @property
     def local_domains(self) -> frozenset[str]:

@@ -27,6 +27,7 @@ from proxy.resolver import make_resolver, probe_periodically
 from proxy.reverify import Reverifier
 from proxy.reload import RuntimeState, StateHolder, reload_on_sighup
 from proxy.sdnotify import Notifier
+from proxy.dialback_keys import DialbackKeys
 from proxy.inbound import InboundSettings
 from proxy.server import ProxyServer, inbound_settings, open_listeners
 from proxy.socket_activation import listen_fds
@@ -61,7 +62,8 @@ def build_handlers(state: RuntimeState, *, resolver: Resolver, metrics: Metrics)
 
 
 async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None,
-                    task_status=trio.TASK_STATUS_IGNORED, worker: WorkerSetup | None = None) -> None:
+                    task_status=trio.TASK_STATUS_IGNORED, worker: WorkerSetup | None = None,
+                    dialback_secret: bytes | None = None) -> None:
     """Run until SIGTERM/SIGINT (or cancellation).  Raises StateLoadError on bad files at start.
 
     With `[server] workers` other than 1 this process becomes the supervisor of N workers
@@ -71,6 +73,7 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
     metrics = Metrics()
     resolvers: list[Resolver] = []
     reverifiers: list[Reverifier] = []
+    dialback_keys = DialbackKeys(dialback_secret)
 
     def build(state: RuntimeState) -> Handlers:
         # One resolver for the process lifetime, so its cache survives reloads; a reload
@@ -82,6 +85,9 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
             reverifiers.append(Reverifier(grace=dns.reverify_grace, metrics=metrics))
         handlers = build_handlers(state, resolver=resolvers[0], metrics=metrics)
         handlers.inbound.reverify = handlers.outbound.reverify = reverifiers[0]
+        # One secret for the process lifetime (and, with workers, the service's: the
+        # supervisor's), so keys minted before a reload are still recognised after it.
+        handlers.inbound.dialback_keys = handlers.outbound.dialback_keys = dialback_keys
         return handlers
 
     # A worker's loads are its supervisor's to count (proxy/service_metrics.py).

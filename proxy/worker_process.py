@@ -129,14 +129,28 @@ async def _stop_when_supervisor_goes(task_status=trio.TASK_STATUS_IGNORED) -> No
     os._exit(1)
 
 
-async def run_worker(setup: WorkerSetup) -> None:
+def _read_dialback_secret() -> bytes:
+    """The supervisor's dialback secret (proxy/dialback_keys.py): the first line on stdin, read
+    unbuffered so that nothing after it is taken from the pipe `_stop_when_supervisor_goes` watches."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(sys.stdin.fileno(), 1)
+        if not chunk:
+            raise SystemExit("worker: stdin closed before the supervisor sent the dialback secret")
+        line += chunk
+        if len(line) > 256:
+            raise SystemExit("worker: the supervisor's first line is not a dialback secret")
+    return bytes.fromhex(line.decode("ascii").strip())
+
+
+async def run_worker(setup: WorkerSetup, dialback_secret: bytes | None = None) -> None:
     """`run_proxy` on the handed sockets, reporting to the supervisor; returns after the drain."""
     from proxy.runner import run_proxy
 
     channel = ControlChannel(setup.control_fd)
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_when_supervisor_goes)
-        await run_proxy(setup.config_path, notifier=channel, worker=setup)
+        await run_proxy(setup.config_path, notifier=channel, worker=setup, dialback_secret=dialback_secret)
         nursery.cancel_scope.cancel()
     channel.close()
 
@@ -153,13 +167,14 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     setup = WorkerSetup.from_environ(os.environ.pop(ENV_SETUP))
+    secret = _read_dialback_secret()
     set_process_fields(worker=setup.index)
     # The supervisor loaded and checked these files first and logged their warnings and
     # reload results once; N workers repeating them would only be noise.  Errors still show.
     logging.getLogger("xmpp_dane_proxy.reload").setLevel(logging.ERROR)
     problems: list[str] = []
     try:
-        trio.run(run_worker, setup)
+        trio.run(run_worker, setup, secret)
     except* StateLoadError as group:     # from inside run_worker's nursery: in a group
         problems = [line for exc in group.exceptions for line in getattr(exc, "messages", [str(exc)])]
     for line in problems:

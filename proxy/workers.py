@@ -45,6 +45,7 @@ import trio
 
 import proxy
 from proxy.config import parse_hostport
+from proxy.dialback_keys import new_secret
 from proxy.listen import ListenError
 from proxy.logsetup import log_event
 from policy.dns import Resolver
@@ -236,6 +237,9 @@ class Supervisor:
         self.running_slots = 0         # keep_running tasks not yet returned
         self.start_failure: str | None = None
         self._changed = trio.Event()
+        # DESIGN §3.3: one dialback secret for the whole service, so a key minted by one
+        # worker is answered by whichever worker the backend's verification reaches.
+        self.dialback_secret = new_secret()
 
     def views(self) -> list[WorkerView]:
         return [WorkerView(s.index, s.process.pid if s.process and s.process.returncode is None else None,
@@ -327,6 +331,12 @@ class Supervisor:
             raise
         finally:
             os.close(write_fd)
+        # The secret's one line, first thing on stdin (proxy/worker_process.py reads it before
+        # anything else); the pipe then stays open: its end of file tells the worker we are gone.
+        try:
+            await process.stdin.send_all(self.dialback_secret.hex().encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass     # the worker died at once; keep_running reports how it ended
         slot.process, slot.ready, slot.draining = process, False, False
         slot.generation = self.generation
         slot.last_heard = trio.current_time()

@@ -35,11 +35,11 @@ from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
 from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
 from proxy.gate import Passage, Refusal, Stage, admit, describe
+from proxy.s2s_auth import NS_SASL, dialback_error
 from proxy.tls import TlsInfo
 from proxy.xmlstream import (
-    NS_DIALBACK, NS_SERVER, NS_STANZA_ERRORS, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES,
-    Element, Node, StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
-    xml_attr, xml_text,
+    NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES, Element, Node,
+    StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
 )
 
 
@@ -55,7 +55,6 @@ BACKEND_GONE_QUIET = 0.5
 BACKEND_GONE_LIMIT = 5.0
 
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
-NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 # Backend stream features the peer must not see.  STARTTLS: TLS is ours, the backend's port
 # is plaintext.  SASL: on this side peers authenticate with dialback, which the proxy gates;
 # a SASL exchange would authenticate them past the gate.  Bidirectional streams (XEP-0288)
@@ -206,22 +205,6 @@ def jid_domain(jid: str) -> str:
     """The domainpart of a JID (RFC 7622 §3.2) in its one reading: `user@Example.org/res` ->
     `example.org`.  Raises `DomainReadingError` (DESIGN §2.6)."""
     return read_domain(domainpart(jid))
-
-
-def dialback_error(sender: str, target: str, condition: str, text: str, *, name: str = "result",
-                   id: str | None = None) -> bytes:
-    """`<db:result type='error'>` (XEP-0220 §2.4) from our `target` to the peer's `sender`
-    (`name="verify"` and its `id` for a `<db:verify>`).
-
-    The element declares the dialback prefix itself: it must not depend on which prefixes
-    the backend's stream header happened to declare.
-    """
-    id_attr = f" id={xml_attr(id)}" if id is not None else ""
-    return (
-        f"<db:{name} xmlns:db={xml_attr(NS_DIALBACK)} from={xml_attr(target)} to={xml_attr(sender)}{id_attr} "
-        f"type='error'><error type='cancel'><{condition} xmlns={xml_attr(NS_STANZA_ERRORS)}/>"
-        f"<text xmlns={xml_attr(NS_STANZA_ERRORS)} xml:lang='en'>{xml_text(text)}</text></error></db:{name}>"
-    ).encode("utf-8")
 
 
 def _describe(element: Node) -> str:

@@ -320,6 +320,7 @@ class InboundSession(DomainPairs):
             # RFC 6120 §4.6.1: whitespace between elements is the backend's keepalive; pass
             # one space on, so the peer's idle timers see the stream alive.
             self._out.append(SendToPeer(b" "))
+        opened = False
         for event in events:
             if self.state == "draining":
                 # Our stream to the peer is closed (RFC 6120 §4.4: nothing more may be sent on
@@ -332,7 +333,7 @@ class InboundSession(DomainPairs):
             if isinstance(event, Element):
                 self._from_backend(event)
             elif isinstance(event, StreamOpened):
-                self._backend_header_seen = True
+                self._backend_header_seen = opened = True
                 self._header_sent = True
                 self.backend_stream_id = event.id
                 self._out.append(SendToPeer(_XML_DECL + event.raw))
@@ -354,7 +355,7 @@ class InboundSession(DomainPairs):
                 return self._take()
             if self.closed:
                 break
-        return self._take()
+        return self._drain() if opened else self._take()   # the peer's elements waited for the header
 
     def backend_eof(self, reason: str = "") -> list[Action]:
         """The backend connection ended (or broke) without `</stream:stream>`."""
@@ -542,7 +543,11 @@ class InboundSession(DomainPairs):
     # ------------------------------------------------------------------ peer events
 
     def _drain(self) -> list[Action]:
-        while self._queue and self._waiting is None and not self.closed:
+        # Once relaying, the peer's elements wait for the backend's stream header: its id is
+        # what the proxy's dialback keys are bound to (DESIGN §3.3), and a peer cannot have
+        # seen it before (so anything it sent earlier was pipelined and can wait).
+        while (self._queue and self._waiting is None and not self.closed
+               and (self.state != "relay" or self._backend_header_seen)):
             event = self._queue.popleft()
             if isinstance(event, XmlError):
                 self._end_backend_stream()

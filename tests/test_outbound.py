@@ -8,8 +8,8 @@ asserted.  The backend is a raw-XML stand-in too (tests/xmppclient.XmppStream), 
 stream error the proxy sends is visible.  DNS is tests/dnsenv.py (nsd + validating unbound:
 secure, insecure and bogus zones).  Prosody on both ends is in test_outbound_prosody.py.
 
-The sans-IO pieces (`OutboundSession`, `StartTlsNegotiation`, address ordering) are tested in
-memory first.
+The sans-IO pieces (`StartTlsNegotiation`, address ordering) are tested in memory first;
+`OutboundSession` in tests/test_outbound_session.py.
 
 `StandInPeer`, `proxy_running` and `backend_stream` are imported by test_check.py and
 test_outbound_prosody.py.
@@ -34,7 +34,8 @@ from proxy.connect import (
     NegotiationError, StartTlsNegotiation, TlsContexts, describe_stream_error, open_tcp, order_addresses,
 )
 from proxy.logsetup import DECISION_LOGGER, LogfmtFormatter
-from proxy.outbound import OutboundContext, OutboundProxy, OutboundSession
+from proxy.outbound import OutboundContext, OutboundProxy
+from proxy.s2s_auth import element_text
 from proxy.tls import TlsStream, server_context
 from proxy.xmlstream import Element, XmlStreamParser
 from xmppclient import NS_DIALBACK, NS_SERVER, XmppError, XmppStream, stream_header
@@ -222,9 +223,22 @@ class DecisionLog:
         return [l for l in self.buffer.getvalue().splitlines() if "event=decision" in l]
 
 
-async def expect_stream_error(xs: XmppStream, condition: str) -> str:
-    """Read the proxy's answer: a header, then `<stream:error>` with `condition`; its text."""
-    await xs.expect_header()
+async def ask_for_peer(xs: XmppStream, peer_domain: str, local: str = LOCAL) -> None:
+    """The backend's side of a stream the proxy answers itself (DESIGN §3.3): its header and
+    dialback feature (no connection to the peer yet), then a `<db:result>` -- the question that
+    makes the proxy connect to the peer."""
+    header = await xs.expect_header()
+    assert (header.get("from"), header.get("to")) == (peer_domain, local)
+    features = await xs.expect_stanza()
+    assert features.tag == f"{{{NS_STREAMS}}}features" and b"urn:xmpp:features:dialback" in features.raw
+    await xs.send(f"<db:result from='{local}' to='{peer_domain}'>k3y</db:result>")
+
+
+async def expect_stream_error(xs: XmppStream, condition: str, *, header: bool = True) -> str:
+    """Read the proxy's answer: a header (unless already read), then `<stream:error>` with
+    `condition`; its text."""
+    if header:
+        await xs.expect_header()
     with pytest.raises(XmppError) as info:
         await xs.expect_stanza()
     raw = str(info.value)
@@ -331,11 +345,15 @@ def issue_peer(domain: str, ca: TestCA = INTERMEDIATE):
 async def _deliver_through(port: int, peer: StandInPeer, transcript: list) -> None:
     """Backend side of a good stream: header, dialback, a message, close."""
     xs = await backend_stream(port, peer.domain, transcript=transcript)
+    connections = len(peer.connections)
     header = await xs.expect_header()
-    assert header.get("id") == "peer-stream-1" and header.get("from") == peer.domain
+    # The proxy answers the backend's stream itself (DESIGN §3.3): its own id, its own
+    # features (dialback only), and no connection to the peer until a question needs one.
+    assert header.get("id") not in (None, "", "pre-tls", "peer-stream-1") and header.get("from") == peer.domain
     features = await xs.expect_stanza()
-    assert b"starttls" not in features.raw and b"bidi" not in features.raw
+    assert b"starttls" not in features.raw and b"bidi" not in features.raw and b"mechanisms" not in features.raw
     assert b"urn:xmpp:features:dialback" in features.raw
+    assert len(peer.connections) == connections
     await xs.send(f"<db:result from='{LOCAL}' to='{peer.domain}'>k3y</db:result>")
     result = await xs.expect_stanza()
     assert (result.tag, result.get("type")) == (f"{{{NS_DIALBACK}}}result", "valid")
@@ -372,7 +390,12 @@ def test_starttls_peer_with_matching_dane_ee_gets_the_backend_stream(dns_env, tm
     # Before TLS: only our own header and <starttls/>.  After: the backend's header first.
     assert b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" in rec.pre_tls
     assert b"k3y" not in rec.pre_tls and b"over the proxy" not in rec.pre_tls
-    assert rec.post_tls.startswith(b"<stream:stream") and f'from="{LOCAL}"'.encode() in rec.post_tls
+    # After TLS: the proxy's own stream from L, its own dialback key (the stand-in offers no
+    # EXTERNAL) -- the backend's key never leaves the proxy -- then the backend's stanza.
+    assert rec.post_tls.startswith(b"<?xml") and f"from='{LOCAL}'".encode() in rec.post_tls
+    assert b"k3y" not in rec.post_tls
+    (db,) = [e for e in peer.received_stanzas if e.is_(NS_DIALBACK, "result")]
+    assert db.attrs["from"] == LOCAL and len(element_text(db)) == 64
     assert b"over the proxy" in rec.post_tls and rec.post_tls.endswith(b"</stream:stream>")
     assert rec.sni == domain and rec.alpn is None
     # Our client certificate is the local domain's.
@@ -400,7 +423,7 @@ def test_direct_tls_peer_gets_alpn_and_sni_and_dane_ta(dns_env, tmp_path):
     lines = trio.run(main)
     (rec,) = peer.connections
     assert rec.pre_tls == b"" and rec.sni == domain and rec.alpn == "xmpp-server"
-    assert rec.post_tls.startswith(b"<stream:stream")
+    assert rec.post_tls.startswith(b"<?xml") and b"k3y" not in rec.post_tls
     assert "verdict=accept prooftype=dane-ta" in lines[0] and "mode=direct-tls" in lines[0]
 
 
@@ -428,7 +451,8 @@ def test_rejected_peer_gets_nothing_and_backend_gets_the_reason(dns_env, tmp_pat
             with DecisionLog() as decisions:
                 async with proxy_running(make_context(dns_env, tmp_path, policies=policies)) as (_, port):
                     xs = await backend_stream(port, domain)
-                    text = await expect_stream_error(xs, "remote-connection-failed")
+                    await ask_for_peer(xs, domain)
+                    text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                     await xs.aclose()
                     if peer.connections:
                         with trio.fail_after(TIMEOUT):
@@ -513,7 +537,8 @@ def test_pkix_accepts_with_insecure_srv_and_no_tlsa(dns_env, tmp_path):
                 # Without the test root the same peer is refused (PKIX cannot validate).
                 async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                     xs = await backend_stream(port, domain)
-                    text = await expect_stream_error(xs, "remote-connection-failed")
+                    await ask_for_peer(xs, domain)
+                    text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                     await xs.aclose()
             nursery.cancel_scope.cancel()
         return decisions.lines, text
@@ -534,7 +559,8 @@ def test_unreachable_targets_are_named_in_the_error(dns_env, tmp_path):
             dns_env.publish_xmpp(domain, f"y.{domain}", 9, dead, None, priority=5, direct_tls=True)
         async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
             xs = await backend_stream(port, domain)
-            text = await expect_stream_error(xs, "remote-connection-failed")
+            await ask_for_peer(xs, domain)
+            text = await expect_stream_error(xs, "remote-connection-failed", header=False)
             await xs.aclose()
         return text
 
@@ -550,7 +576,8 @@ def test_bogus_srv_fails_closed(dns_env, tmp_path):
         with DecisionLog() as decisions:
             async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                 xs = await backend_stream(port, domain)
-                text = await expect_stream_error(xs, "remote-connection-failed")
+                await ask_for_peer(xs, domain)
+                text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                 await xs.aclose()
         return text, decisions.lines
 
@@ -578,7 +605,8 @@ def test_domain_without_service_is_refused_without_connecting(dns_env, tmp_path)
         with DecisionLog() as decisions:
             async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                 xs = await backend_stream(port, domain)
-                text = await expect_stream_error(xs, "remote-connection-failed")
+                await ask_for_peer(xs, domain)
+                text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                 await xs.aclose()
         return text, decisions.lines
 
@@ -597,8 +625,8 @@ def test_proxy_shutdown_ends_a_relayed_stream(dns_env, tmp_path):
             _publish(dns_env, peer, "3 1 1")
             async with proxy_running(make_context(dns_env, tmp_path)) as (proxy, port):
                 xs = await backend_stream(port, domain)
-                await xs.expect_header()
-                await xs.expect_stanza()                      # the peer's features: relaying
+                await ask_for_peer(xs, domain)
+                assert (await xs.expect_stanza()).get("type") == "valid"     # the peer is connected
                 proxy.shutdown()
                 text = None
                 with pytest.raises(XmppError) as info:

@@ -199,7 +199,8 @@ class DomainPairs:
         """RFC 6120 §6.4.2 / XEP-0178 §3: the peer asks to be authenticated as a domain by its
         certificate.  Judged exactly as a `<db:result>` for that domain (`CheckDialback`)."""
         if self.state != "relay":
-            return   # the stream is ending; no new authentication
+            self._resume_peer_stream()   # the stream is ending: no new authentication
+            return
         if not self.sasl.offered:
             self._end_backend_stream()
             self._error("policy-violation", "<auth/> but SASL was not offered on this stream (EXTERNAL is offered "
@@ -230,6 +231,7 @@ class DomainPairs:
 
     def _sasl_verdict(self, pair: tuple[str, str], accepted: bool, reason: str, prooftype: str | None) -> None:
         if self.state != "relay":
+            self._resume_peer_stream()   # the stream began to end meanwhile
             return
         if not accepted:
             self.rejected[pair] = reason
@@ -269,6 +271,9 @@ class DomainPairs:
         self._header_sent = True
         bound, self._peer_bound = self._peer_bound or [], None
         self._out.extend(SendToPeer(data) for data in bound)
+        if self.authenticated and not self._handshake_over:   # the backend confirmed meanwhile
+            self._handshake_over = True
+            self._out.append(Authenticated())
 
     def _answers_sasl(self, el: Element) -> bool:
         """Whether the backend's `<db:result type=…>` answers the one the proxy sent for the
@@ -287,9 +292,7 @@ class DomainPairs:
         held = self.sasl.release()
         if el.attrs.get("type") == "valid":
             self.sasl.confirmed = True
-            if not self.authenticated:
-                self._out.append(Authenticated())
-            self.authenticated.add(pair)
+            self._confirmed(pair)
             for stanza in held:
                 if self._backend_lost:
                     self._undeliverable(stanza)

@@ -137,6 +137,7 @@ class InboundSession(DomainPairs):
         self.prooftypes: dict[tuple[str, str], str | None] = {}   # accepted pair -> verdict's prooftype
         self._websocket = False          # RFC 7395 has no stream restart: no SASL there
         self._end_after_release = False  # the peer ended while stanzas were held for the backend
+        self._handshake_over = False     # `Authenticated` was announced
         self._peer_bound: list[bytes] | None = None   # backend bytes for the peer while it restarts
         self.backend_stream_id: str | None = None
         self._peer_parser = XmlStreamParser(max_stanza_bytes=max_stanza_bytes, stop_after=self._is_starttls)
@@ -186,7 +187,10 @@ class InboundSession(DomainPairs):
     def _resume_peer_stream(self) -> None:
         """Go on parsing the peer's stream after an `<auth/>` that did not succeed: a fresh
         parser given the peer's header again (for its namespace declarations, its event
-        dropped) and the bytes that followed the `<auth/>`."""
+        dropped) and the bytes that followed the `<auth/>`.  (A parser that did not stop --
+        no EXTERNAL offered -- simply goes on.)"""
+        if self._peer_parser.state != "stopped":
+            return
         trailing = self._peer_parser.trailing
         self._peer_parser = self._new_peer_parser()
         assert self._peer_header is not None
@@ -460,6 +464,11 @@ class InboundSession(DomainPairs):
             return []
         if self.negotiated and not self._backend_header_seen:
             return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
+        if self.negotiated and self.sasl.awaiting_restart:
+            self._end_backend_stream()
+            self._error("connection-timeout", f"the stream was not restarted within {seconds:g} s of SASL <success/> "
+                                              "(RFC 6120 §6.4.6; limits.handshake_timeout)")
+            return self._take()
         if self.negotiated and self.sasl.pending:
             text = (f"the backend did not confirm {self.sasl.pair[0]} within {seconds:g} s (limits.handshake_timeout): "
                     + BACKEND_REFUSED_KEY.replace("did not accept", "did not answer"))
@@ -689,10 +698,17 @@ class InboundSession(DomainPairs):
             except DomainReadingError:
                 pair = None   # nothing we accepted: accepted pairs are in their one reading
             if pair in self.accepted and pair not in self.authenticated:
-                if not self.authenticated:
-                    self._out.append(Authenticated())
-                self.authenticated.add(pair)
+                self._confirmed(pair)
         self._to_peer(el.raw)
+
+    def _confirmed(self, pair: tuple[str, str]) -> None:
+        """The backend confirmed `pair`.  The first confirmation ends the handshake (DESIGN
+        §3.1 Deadlines) -- unless the peer has yet to restart after SASL, which the handshake
+        deadline still bounds."""
+        self.authenticated.add(pair)
+        if not self._handshake_over and not self.sasl.awaiting_restart:
+            self._handshake_over = True
+            self._out.append(Authenticated())
 
     def _to_peer(self, data: bytes) -> None:
         """Backend bytes for the peer; held while the peer restarts its stream after SASL

@@ -322,3 +322,127 @@ def test_db_verify_of_a_key_the_proxy_minted_is_answered_by_the_proxy(world, tmp
         await peer.aclose()
 
     run(world, tmp_path, body)
+
+
+# ================================================================================ in memory
+
+IN_HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+             b"to='b.example' from='a.example' version='1.0'>")
+BACKEND_HEADER = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                  b"xmlns:db='jabber:server:dialback' id='backend-stream-1' version='1.0'>")
+VALID = b"<db:result from='b.example' to='a.example' type='valid'/>"
+
+
+def sasl_session(*, succeed: bool = True):
+    """A session on Direct TLS with a client certificate, relaying, EXTERNAL offered; with
+    `succeed`, after <success/> (not yet restarted)."""
+    from proxy.dialback_keys import DialbackKeys
+    from proxy.inbound_session import InboundSession
+    from proxy.tls import TlsInfo
+
+    s = InboundSession([LOCAL], sasl_external=True, dialback_keys=DialbackKeys())
+    s.peer_data(b"\x16\x03\x01")
+    s.tls_established(TlsInfo("1.3", "TLSv1.3", None, None, None, (b"cert",)))
+    s.peer_data(IN_HEADER)
+    s.backend_connected()
+    out = s.backend_data(BACKEND_HEADER + b"<stream:features/>")
+    assert b"<mechanism>EXTERNAL</mechanism>" in out[-1].data
+    if succeed:
+        s.peer_data(auth())
+        s.verdict(PEER, LOCAL, True, "test", "dane-ee")
+        assert s.sasl.awaiting_restart
+    return s
+
+
+def sent(actions, kind) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, kind))
+
+
+def test_session_holds_over_the_bound_end_the_stream():
+    from proxy.inbound_auth import MAX_HELD_STANZAS
+    from proxy.inbound_session import Close, SendToBackend
+
+    s = sasl_session()
+    s.peer_data(IN_HEADER)
+    out = s.peer_data(MESSAGE * MAX_HELD_STANZAS)
+    assert sent(out, SendToBackend) == b""          # all held
+    out = s.peer_data(MESSAGE)
+    assert isinstance(out[-1], Close) and out[-1].condition == "policy-violation"
+    assert "held by the proxy after SASL EXTERNAL" in out[-1].reason
+    assert MESSAGE not in sent(out, SendToBackend)
+
+
+def test_session_peer_closing_with_held_stanzas_gets_them_delivered_first():
+    from proxy.inbound_session import SendToBackend
+
+    s = sasl_session()
+    s.peer_data(IN_HEADER)
+    out = s.peer_data(MESSAGE + b"</stream:stream>")
+    assert sent(out, SendToBackend) == b""          # the backend's stream is not ended yet
+    out = s.backend_data(VALID)
+    assert sent(out, SendToBackend) == MESSAGE + b"</stream:stream>"
+
+
+def test_session_backend_lost_with_held_stanzas_answers_them():
+    from proxy.inbound_session import SendToPeer
+
+    s = sasl_session()
+    s.peer_data(IN_HEADER + MESSAGE)
+    out = s.backend_eof("reset")
+    assert b"type='error'" in sent(out, SendToPeer) and s.returned == 1
+
+
+def test_session_backend_bytes_during_the_restart_follow_our_new_header():
+    from proxy.inbound_session import Authenticated, SendToPeer
+
+    s = sasl_session()
+    other = b"<db:result from='b.example' to='c.example' type='invalid'/>"
+    out = s.backend_data(VALID + b" " + other)
+    assert sent(out, SendToPeer) == b""             # the peer is between streams
+    assert not any(isinstance(a, Authenticated) for a in out)   # the handshake waits for the restart
+    out = s.peer_data(IN_HEADER)
+    data = sent(out, SendToPeer)
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream") and data.endswith(b"<stream:features/>" + other)
+    assert any(isinstance(a, Authenticated) for a in out)
+
+
+@pytest.mark.parametrize("header,condition", [
+    (IN_HEADER.replace(b"to='b.example'", b"to='c.example'"), None),   # not served here: host-unknown
+    (IN_HEADER.replace(b"from='a.example'", b"from='evil.example'"), "invalid-from"),
+])
+def test_session_restart_must_continue_the_authenticated_stream(header, condition):
+    from proxy.inbound_session import Close, InboundSession
+
+    s = sasl_session()
+    s.local_domains = frozenset({LOCAL, "c.example"}) if condition is None else s.local_domains
+    out = s.peer_data(header)
+    assert isinstance(out[-1], Close)
+    assert out[-1].condition == (condition or "improper-addressing"), out[-1]
+
+
+def test_session_timeout_before_the_restart_says_so():
+    from proxy.inbound_session import Close
+
+    s = sasl_session()
+    s.backend_data(VALID)
+    out = s.timed_out(30)
+    assert isinstance(out[-1], Close) and out[-1].condition == "connection-timeout"
+    assert "not restarted" in out[-1].reason
+
+
+def test_session_without_sasl_external_relays_the_peers_key_and_offers_nothing():
+    from proxy.dialback_keys import DialbackKeys
+    from proxy.inbound_session import InboundSession, SendToBackend, SendToPeer
+    from proxy.tls import TlsInfo
+
+    s = InboundSession([LOCAL], sasl_external=False, dialback_keys=DialbackKeys())
+    s.peer_data(b"\x16\x03\x01")
+    s.tls_established(TlsInfo("1.3", "TLSv1.3", None, None, None, (b"cert",)))
+    s.peer_data(IN_HEADER)
+    s.backend_connected()
+    out = s.backend_data(BACKEND_HEADER + b"<stream:features/>")
+    assert b"mechanism" not in sent(out, SendToPeer)
+    result = b"<db:result xmlns:db='jabber:server:dialback' from='a.example' to='b.example'>peers-own-key</db:result>"
+    s.peer_data(result)
+    out = s.verdict(PEER, LOCAL, True, "test", "dane-ee")
+    assert sent(out, SendToBackend) == result

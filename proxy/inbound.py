@@ -21,7 +21,7 @@ from proxy.dialback_keys import DialbackKeys
 from proxy.fdlimit import out_of_resources
 from proxy.inbound_session import (
     CLOSE_GRACE, Action, Authenticated, CheckDialback, Close,
-    ConnectBackend, InboundSession, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls, Warn,
+    ConnectBackend, InboundSession, Note, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls,
 )
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
@@ -280,9 +280,9 @@ class InboundConnection:
                 if self.settings.idle_timeout > 0 and self._idle_scope is not None:
                     # The read already waiting started before; from now on it is bounded.
                     self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
-            elif isinstance(action, Warn):
-                _log(logging.WARNING, action.event, peer=self.peer, domain=self.session.peer_domain,
-                     reason=action.reason)
+            elif isinstance(action, Note):
+                _log(logging.WARNING if action.warning else logging.INFO, action.event, peer=self.peer,
+                     domain=self.session.peer_domain, reason=action.reason)
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
             elif isinstance(action, PeerGrace):

@@ -3,7 +3,7 @@
 
 `SendToPeer` / `SendToBackend` carry bytes; `StartTls`, `ConnectBackend` and `CheckDialback`
 start something whose result the shell feeds back (`tls_established`, `backend_connected`,
-`verdict`, ...); `Negotiated`, `Authenticated`, `Warn`, `PeerDone` and `PeerGrace` tell the
+`verdict`, ...); `Negotiated`, `Authenticated`, `Note`, `PeerDone` and `PeerGrace` tell the
 shell about the stream's progress (deadlines, logs, reading); `Close` ends the connection.
 """
 from __future__ import annotations
@@ -68,13 +68,14 @@ class CheckDialback:
 
 
 @dataclass(frozen=True)
-class Warn:
-    """A line for the operator at warning level: `event` names it, `reason` says what to fix
-    (the session decided something an operator must act on, e.g. a backend that refuses the
-    proxy's dialback keys)."""
+class Note:
+    """A line for the operator's log: `event` names it, `reason` says what happened (at
+    warning level when it is something to fix, e.g. a backend that refuses the proxy's
+    dialback keys)."""
 
     event: str
     reason: str
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,10 @@ class Close:
 
 
 Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | Authenticated | CheckDialback
-          | Warn | PeerDone | PeerGrace | Close)
+          | Note | PeerDone | PeerGrace | Close)
 
 
 __all__ = [
     "Action", "Authenticated", "CheckDialback", "Close", "ConnectBackend", "Negotiated", "OUTCOMES", "PeerDone",
-    "PeerGrace", "SendToBackend", "SendToPeer", "StartTls", "Warn",
+    "Note", "PeerGrace", "SendToBackend", "SendToPeer", "StartTls",
 ]

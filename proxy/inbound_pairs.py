@@ -28,7 +28,7 @@ from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
 from proxy.bounce import error_reply, needs_error_reply
 from proxy.gate import describe
-from proxy.inbound_actions import Authenticated, CheckDialback, SendToBackend, SendToPeer, Warn
+from proxy.inbound_actions import Authenticated, CheckDialback, Note, SendToBackend, SendToPeer
 from proxy.inbound_auth import (
     BACKEND_REFUSED_KEY, MAX_SASL_FAILURES, certificate_proved, external_identity, local_verify_answer,
     proxy_db_result,
@@ -219,6 +219,7 @@ class DomainPairs:
     def _sasl_failed(self, condition: str, text: str) -> None:
         """RFC 6120 §6.4.5: `<failure/>`; the peer may try again (bounded) on the same stream."""
         self.sasl.failures += 1
+        self._out.append(Note("sasl-external-failure", f"{condition}: {clip(text)}"))
         self._out.append(SendToPeer(failure(condition, clip(text))))
         self._count_rejection()
         if self.closed:
@@ -244,6 +245,8 @@ class DomainPairs:
         self.sasl.pair = pair
         self.sasl.awaiting_restart = True
         self._out.append(SendToPeer(success()))
+        self._out.append(Note("sasl-external", f"{pair[0]} -> {pair[1]} authenticated by its certificate "
+                                               f"({prooftype}); asserted to the backend with the proxy's key"))
         # The backend never restarts its stream: the pair is asserted on it by dialback, with
         # a key the proxy's outbound side will recognise when the backend checks it.
         self._out.append(SendToBackend(proxy_db_result(self.keys, pair[0], pair[1], self.backend_stream_id)))
@@ -301,7 +304,8 @@ class DomainPairs:
             if self._end_after_release:
                 self._end_backend_stream()
             return
-        self._out.append(Warn("sasl-backend-refused", f"{pair[0]} -> {pair[1]}: {BACKEND_REFUSED_KEY}"))
+        self._out.append(Note("sasl-backend-refused", f"{pair[0]} -> {pair[1]}: {BACKEND_REFUSED_KEY}",
+                              warning=True))
         for stanza in held:
             if needs_error_reply(stanza) and self._header_sent and self.state in ("relay", "peer-done"):
                 self.returned += 1

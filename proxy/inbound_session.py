@@ -43,7 +43,7 @@ from proxy.dialback_keys import DialbackKeys
 from proxy.gate import Passage, Refusal, Stage, admit
 from proxy.inbound_actions import (
     OUTCOMES, Action, Authenticated, CheckDialback, Close, ConnectBackend, Negotiated, PeerDone, PeerGrace,
-    SendToBackend, SendToPeer, StartTls, Warn,
+    Note, SendToBackend, SendToPeer, StartTls,
 )
 from proxy.inbound_auth import BACKEND_REFUSED_KEY, ExternalAuth, is_sasl_auth
 from proxy.inbound_pairs import MAX_DIALBACK_REJECTIONS, DomainPairs, clip, describe_element, jid_domain, local_reading
@@ -472,7 +472,7 @@ class InboundSession(DomainPairs):
         if self.negotiated and self.sasl.pending:
             text = (f"the backend did not confirm {self.sasl.pair[0]} within {seconds:g} s (limits.handshake_timeout): "
                     + BACKEND_REFUSED_KEY.replace("did not accept", "did not answer"))
-            self._out.append(Warn("sasl-backend-silent", text))
+            self._out.append(Note("sasl-backend-silent", text, warning=True))
             self._end_backend_stream()
             self._error("connection-timeout", text)
             return self._take()
@@ -808,5 +808,5 @@ class InboundSession(DomainPairs):
 __all__ = [
     "Action", "Authenticated", "BACKEND_GONE_LIMIT", "BACKEND_GONE_QUIET", "CLOSE_GRACE", "CheckDialback", "Close",
     "ConnectBackend", "InboundSession", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "PeerGrace",
-    "SendToBackend", "SendToPeer", "StartTls", "Warn", "dialback_error", "jid_domain",
+    "Note", "SendToBackend", "SendToPeer", "StartTls", "dialback_error", "jid_domain",
 ]

@@ -127,6 +127,8 @@ def test_external_accepted_restart_backend_key_and_held_stanza(world, tmp_path, 
     run(world, tmp_path, body, backend_kwargs={"confirm_dialback": False})
     (line,) = decisions(caplog)
     assert "domain=a.example verdict=accept prooftype=pkix" in line
+    (note,) = log_lines(caplog, "sasl-external")
+    assert "a.example -> b.example authenticated by its certificate (pkix)" in note
 
 
 def test_external_with_authzid_equal_to_stream_from_and_fake_backend_confirming(world, tmp_path):
@@ -172,6 +174,8 @@ def test_external_rejected_gets_failure_and_the_backend_only_the_header(world, t
     (line,) = decisions(caplog)
     assert "verdict=reject" in line and "domain=a.example" in line
     assert reason.lower() in line.lower()
+    (note,) = log_lines(caplog, "sasl-external-failure")
+    assert "reason=\"not-authorized: a.example not authenticated" in note
 
 
 @pytest.mark.parametrize("payload,condition,words", [

@@ -103,7 +103,20 @@ async def open_backend(backend: str) -> trio.abc.Stream:
     if backend.startswith("unix:"):
         return await trio.open_unix_socket(backend[5:])
     host, port = parse_hostport(backend)
-    return await trio.open_tcp_stream(host, port)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    # A numeric address (the usual backend): one plain connect, without open_tcp_stream's
+    # getaddrinfo and happy-eyeballs nursery on every stream set-up (bench/: ~5 % of one).
+    sock = trio.socket.socket(trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET,
+                              trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 class InboundConnection:

@@ -62,7 +62,9 @@ class EvidenceCache:
             return None
         expires, epoch, evidence = entry
         remaining = expires - self._clock()
-        if remaining <= 0 or epoch != self._epoch(resolver):
+        # Under a second left counts as expired: served evidence always has ttl >= 1, so
+        # whoever schedules by it (proxy/reverify.py) finds it gone when that time comes.
+        if remaining < 1 or epoch != self._epoch(resolver):
             del self._entries[key]
             return None
         self._entries.move_to_end(key)

@@ -47,8 +47,11 @@ def test_kept_until_its_ttl_with_the_ttl_counting_down():
     clock.now += 100.5
     got = cache.get("k", resolver)
     assert got is not None and got.ttl == 199 and got.statuses == evidence().statuses
-    clock.now += 199.5
-    assert cache.get("k", resolver) is None      # expired exactly at the TTL
+    clock.now += 199
+    assert cache.get("k", resolver) is None      # under a second left: expired
+    cache.put("k", resolver, evidence(ttl=300))
+    clock.now += 300
+    assert cache.get("k", resolver) is None      # expired at the TTL
     assert len(cache) == 0
 
 

@@ -16,11 +16,15 @@ What would make the same answers read differently is part of the key or ends the
 - evidence with any failed status (bogus, timeout, unvalidated) is never kept: a repaired
   zone or a resolver back up counts at once, as it did with the resolver's cache alone.
 
+Evidence from the policy file alone (static SRV and TLSA, no lookup: `ttl` None) is kept until
+the policy changes, which changes the key.
+
 Bounded (`max_entries`, least recently used out) so many peer domains cannot grow it.
 """
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import replace
@@ -68,13 +72,16 @@ class EvidenceCache:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return replace(evidence, ttl=int(remaining))
+        return evidence if evidence.ttl is None else replace(evidence, ttl=int(remaining))
 
     def put(self, key: Hashable, resolver, evidence: Evidence) -> None:
         """Keep `evidence` for `evidence.ttl` seconds if it may be kept at all."""
         ttl = evidence.ttl
-        if ttl is None or ttl <= 0 or evidence.notes:
-            return   # static only (nothing to save), expired already, or a probe problem
+        if evidence.notes or (ttl is not None and ttl <= 0):
+            return   # a probe problem, or expired already
+        # ttl None: nothing came from DNS (the policy file's static SRV and TLSA, which are in
+        # the key): it holds until the policy changes, which changes the key.
+        lifetime = math.inf if ttl is None else ttl
         if any(status.failed for status in evidence.statuses.values()):
             return
         if evidence.tlsa_status is not None and evidence.tlsa_status.failed:
@@ -82,7 +89,7 @@ class EvidenceCache:
         epoch = self._epoch(resolver)
         if epoch is None:
             return
-        self._entries[key] = (self._clock() + ttl, epoch, evidence)
+        self._entries[key] = (self._clock() + lifetime, epoch, evidence)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)

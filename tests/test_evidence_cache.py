@@ -62,9 +62,20 @@ def test_failed_or_unvalidated_or_static_evidence_is_never_kept():
     cache.put("timeout", resolver, evidence(status=DnsStatus.TIMEOUT))
     cache.put("unvalidated", resolver, evidence(status=DnsStatus.UNVALIDATED))
     cache.put("probe-note", resolver, evidence(status=INSECURE, notes=("resolver failed the DNSSEC probe",)))
-    cache.put("static", resolver, evidence(ttl=None))
     cache.put("zero", resolver, evidence(ttl=0))
     assert len(cache) == 0
+
+
+def test_static_only_evidence_is_kept_until_the_key_changes():
+    """ttl None: nothing came from DNS (static SRV and TLSA, which are part of the key)."""
+    clock, resolver = Clock(), StubResolver()
+    cache = EvidenceCache(clock=clock)
+    cache.put("static", resolver, evidence(ttl=None))
+    clock.now += 10 * 86400
+    got = cache.get("static", resolver)
+    assert got is not None and got.ttl is None
+    resolver.validation_epoch += 1
+    assert cache.get("static", resolver) is None
 
 
 def test_a_changed_probe_verdict_or_a_due_probe_ends_the_entry():

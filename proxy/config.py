@@ -6,7 +6,7 @@ must not silently fall back to a default).  Problems are collected and raised to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,8 +61,13 @@ class InboundConfig:
     # DESIGN §3.3: offer SASL EXTERNAL to peers that present a certificate, and authenticate
     # them to the backend by dialback with a key only the proxy knows.  The backend checks that
     # key through its outbound S2S, so this only works when that goes through
-    # `outbound.listen`: unset = on exactly when `outbound.listen` is non-empty.
+    # `outbound.listen`: unset (None) = on exactly when `outbound.listen` is non-empty
+    # (`InboundConfig.offers_external`).
     sasl_external: bool | None = None
+
+    def offers_external(self, outbound: "OutboundConfig") -> bool:
+        """`sasl_external` as set, else whether the backend's outbound can come through us."""
+        return self.sasl_external if self.sasl_external is not None else bool(outbound.listen)
 
 
 @dataclass(frozen=True)
@@ -330,10 +335,6 @@ def config_and_errors(doc: TomlDocument) -> tuple[Config, list[str]]:
         dir=str(base / pol.dir) if pol.dir else "",
         ca_file=str(base / pol.ca_file) if pol.ca_file else "",
     )
-    inbound = sections.get("inbound", InboundConfig())
-    if inbound.sasl_external is None:
-        outbound = sections.get("outbound", OutboundConfig())
-        sections["inbound"] = replace(inbound, sasl_external=bool(outbound.listen))
     return Config(domains=domains, path=doc.path, **sections), errors
 
 

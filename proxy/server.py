@@ -122,8 +122,7 @@ def inbound_settings(config: Config, *, evidence_for: EvidenceFor | None = None,
         proxy_protocol=config.inbound.proxy_protocol,
         metrics=metrics,
         websocket_certificates=websocket_certificates,
-        sasl_external=(config.inbound.sasl_external if config.inbound.sasl_external is not None
-                       else bool(config.outbound.listen)),
+        sasl_external=config.inbound.offers_external(config.outbound),
     )
 
 

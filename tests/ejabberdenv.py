@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -50,6 +49,7 @@ except ImportError:  # pragma: no cover
 
 from pki import Issued
 from prosodyenv import free_port
+from serverproc import ServerProcess, server_factory
 from xmppclient import Account
 
 ERL = shutil.which("erl") or "/usr/bin/erl"
@@ -111,7 +111,7 @@ class EjabberdHost:
     users: Mapping[str, str] = field(default_factory=dict)
 
 
-class EjabberdServer:
+class EjabberdServer(ServerProcess):
     """An ejabberd node with its own config, spool and logs in a temporary directory.
 
     Use as a context manager or call `start()`/`stop()`.  `hosts` items are domain strings or
@@ -131,6 +131,10 @@ class EjabberdServer:
     options: extra top-level ejabberd.yml options (override the generated ones).
     loglevel: ejabberd's `loglevel` (info; "debug" logs every stanza).
     """
+
+    NAME = "ejabberd"
+    ERROR = EjabberdError
+    STOP_TIMEOUT = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -373,79 +377,12 @@ class EjabberdServer:
                 raise EjabberdError("ejabberd not ready in time\n" + self._diagnostics())
             time.sleep(0.01)  # poll interval; the condition is re-checked
 
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after STOP_TIMEOUT; remove a temp workdir.
-
-        Safe to call twice and after a failed start."""
-        proc, self.process = self.process, None
-        if proc is not None:
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            # erl starts helpers (inet_gethost, memsup) in the same group: reap stragglers.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self._own_workdir and not self.keep_workdir and self.workdir.exists():
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def __enter__(self) -> "EjabberdServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # -- operations ----------------------------------------------------------------------
 
     def account(self, jid: str, password: str) -> Account:
         """c2s login data for a user of this server (for xmppclient.deliver_message)."""
         return Account(self.address, self.c2s_port, jid, password)
 
-    def log_text(self) -> str:
-        """Everything ejabberd has logged so far (ejabberd.log)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stdout_text(self) -> str:
-        try:
-            return self.stdout_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str | re.Pattern, timeout: float = 10.0) -> re.Match:
-        """Poll the log until `pattern` (a regex) matches; raise with the log tail if not."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise EjabberdError(f"{regex.pattern!r} not in ejabberd's log after {timeout}s\n" + self._diagnostics())
-            time.sleep(0.02)  # poll interval
-
-    def _diagnostics(self, lines: int = 40) -> str:
-        tail = "\n".join(self.log_text().splitlines()[-lines:])
-        out = "\n".join(self.stdout_text().splitlines()[-lines:])
-        return f"--- {self.config_path}\n--- stdout/stderr:\n{out}\n--- log tail ({self.log_path}):\n{tail}"
 
 
 def _dead_udp_port() -> int:
@@ -455,21 +392,6 @@ def _dead_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _factory(base: Path) -> Iterator[Callable[..., EjabberdServer]]:
-    servers: list[EjabberdServer] = []
-
-    def make(hosts: Sequence[str | EjabberdHost], **kwargs) -> EjabberdServer:
-        kwargs.setdefault("workdir", base / f"ejabberd{len(servers)}")
-        server = EjabberdServer(hosts, **kwargs)
-        servers.append(server)
-        return server.start()
-
-    try:
-        yield make
-    finally:
-        for server in reversed(servers):
-            server.stop()
-
 
 if pytest is not None:
 
@@ -477,4 +399,4 @@ if pytest is not None:
     def ejabberd_factory(tmp_path: Path) -> Iterator[Callable[..., EjabberdServer]]:
         """`ejabberd_factory(hosts, **EjabberdServer kwargs)` → a started server; all are
         stopped at teardown.  Import it into a test module (or conftest) to use it."""
-        yield from _factory(tmp_path)
+        yield from server_factory(EjabberdServer, tmp_path, "ejabberd")

@@ -25,9 +25,7 @@ instead of recursing from the root servers.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -42,6 +40,7 @@ except ImportError:  # pragma: no cover
     pytest = None
 
 from pki import Issued
+from serverproc import ServerProcess, server_factory
 from xmppclient import Account
 
 PROSODY = shutil.which("prosody") or "/usr/bin/prosody"
@@ -196,7 +195,7 @@ class ProsodyDns:
         return "\n".join(lines)
 
 
-class ProsodyServer:
+class ProsodyServer(ServerProcess):
     """A Prosody process with its own config, data and log in a temporary directory.
 
     Use as a context manager (`with ProsodyServer(["b.test"]) as b: ...`) or call
@@ -211,6 +210,10 @@ class ProsodyServer:
     modules / plugin_paths: added to `modules_enabled` / `plugin_paths`.
     extra_config: Lua lines appended to the global section (before the VirtualHosts).
     """
+
+    NAME = "Prosody"
+    ERROR = ProsodyError
+    STOP_TIMEOUT = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -420,44 +423,6 @@ class ProsodyServer:
                 # A poll interval, not a synchronisation sleep: the condition is re-checked.
                 time.sleep(0.005)
 
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after STOP_TIMEOUT; remove a temp workdir.
-
-        Safe to call twice and after a failed start."""
-        proc, self.process = self.process, None
-        if proc is not None:
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            # Reap any straggler left in the group (Prosody forks nothing today).
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self._own_workdir and not self.keep_workdir and self.workdir.exists():
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def __enter__(self) -> "ProsodyServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # -- operations ----------------------------------------------------------------------
 
     def account(self, jid: str, password: str) -> Account:
@@ -478,49 +443,6 @@ class ProsodyServer:
                 + (result.stdout + result.stderr).decode(errors="replace")
             )
 
-    def log_text(self) -> str:
-        """Everything Prosody has logged so far (debug level)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str | re.Pattern, timeout: float = 10.0) -> re.Match:
-        """Poll the log until `pattern` (a regex) matches; raise with the log tail if not."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise ProsodyError(f"{regex.pattern!r} not in Prosody's log after {timeout}s\n" + self._diagnostics())
-            time.sleep(0.02)  # poll interval
-
-    def _diagnostics(self, lines: int = 40) -> str:
-        out = ""
-        try:
-            out = self.stdout_path.read_text(errors="replace")
-        except FileNotFoundError:
-            pass
-        tail = "\n".join(self.log_text().splitlines()[-lines:])
-        return f"--- {self.config_path}\n--- stdout/stderr:\n{out}\n--- log tail ({self.log_path}):\n{tail}"
-
-
-def _factory(base: Path) -> Iterator[Callable[..., ProsodyServer]]:
-    servers: list[ProsodyServer] = []
-
-    def make(hosts: Sequence[str | VirtualHost], **kwargs) -> ProsodyServer:
-        kwargs.setdefault("workdir", base / f"prosody{len(servers)}")
-        server = ProsodyServer(hosts, **kwargs)
-        servers.append(server)
-        return server.start()
-
-    try:
-        yield make
-    finally:
-        for server in reversed(servers):
-            server.stop()
 
 
 if pytest is not None:
@@ -529,4 +451,4 @@ if pytest is not None:
     def prosody_factory(tmp_path: Path) -> Iterator[Callable[..., ProsodyServer]]:
         """`prosody_factory(hosts, **ProsodyServer kwargs)` → a started server; all are
         stopped at teardown.  Import it into a test module (or conftest) to use it."""
-        yield from _factory(tmp_path)
+        yield from server_factory(ProsodyServer, tmp_path, "prosody")

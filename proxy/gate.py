@@ -33,6 +33,7 @@ class Stage(enum.Enum):
     INBOUND_UNAUTHENTICATED = "inbound, no domain pair confirmed by the backend yet"
     INBOUND_AUTHENTICATED = "inbound, at least one domain pair confirmed by the backend"
     OUTBOUND_PEER = "outbound, what the peer sends back on a stream the proxy opened"
+    OUTBOUND_BACKEND = "outbound, what the backend sends on the stream the proxy answers itself"
 
 
 class Passage(enum.Enum):
@@ -45,6 +46,8 @@ class Passage(enum.Enum):
     FEATURES = "relayed without <starttls/> and bidi (they are the proxy's business)"
     RELAY = "relayed as is"
     SWALLOW = "neither relayed nor refused"
+    AUTHENTICATE = "the proxy authenticates the pair to the peer itself and answers (DESIGN §3.3)"
+    CHECK_KEY = "answered by the proxy if the key is its own, else asked of the peer (DESIGN §3.3)"
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,22 @@ _OUTBOUND_PEER: dict[tuple[str, str], Passage | Refusal] = {
        for name in _STANZAS},
 }
 
+# The backend's outbound stream is answered by the proxy (DESIGN §3.3): it asks for dialback
+# (<db:result>, answered once the peer accepted the pair), checks keys (<db:verify>), and then
+# sends stanzas, which go to the peer only for a pair answered valid.  Its parting
+# <stream:error> ends the stream; the peer gets our own close.
+_OUTBOUND_BACKEND: dict[tuple[str, str], Passage | Refusal] = {
+    (NS_DIALBACK, "result"): Passage.AUTHENTICATE,
+    (NS_DIALBACK, "verify"): Passage.CHECK_KEY,
+    (NS_STREAMS, "error"): Passage.SWALLOW,
+    **{(NS_SERVER, name): Passage.STANZA for name in _STANZAS},
+}
+
 GATE: Mapping[Stage, Mapping[tuple[str, str], Passage | Refusal]] = MappingProxyType({
     Stage.INBOUND_UNAUTHENTICATED: MappingProxyType(_INBOUND_UNAUTHENTICATED),
     Stage.INBOUND_AUTHENTICATED: MappingProxyType(_INBOUND_AUTHENTICATED),
     Stage.OUTBOUND_PEER: MappingProxyType(_OUTBOUND_PEER),
+    Stage.OUTBOUND_BACKEND: MappingProxyType(_OUTBOUND_BACKEND),
 })
 # Anything not in the table.  Before authentication RFC 6120 §4.9.3.12 (not-authorized: data
 # before the stream is authenticated); afterwards §4.9.3.24 (unsupported-stanza-type: a
@@ -109,6 +124,8 @@ OTHERWISE: Mapping[Stage, Refusal] = MappingProxyType({
     Stage.INBOUND_UNAUTHENTICATED: Refusal("not-authorized", f"is not allowed {_BEFORE_AUTH}"),
     Stage.INBOUND_AUTHENTICATED: Refusal("unsupported-stanza-type", "is not passed to the backend (not in the gate's list)"),
     Stage.OUTBOUND_PEER: Refusal("unsupported-stanza-type", "is not expected from the peer on a stream the proxy opened"),
+    Stage.OUTBOUND_BACKEND: Refusal("unsupported-stanza-type",
+                                    "is not passed to the peer (not in the gate's list for the outbound stream)"),
 })
 
 

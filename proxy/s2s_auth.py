@@ -172,3 +172,51 @@ __all__ = [
     "db_result_answer", "db_verify_answer", "dialback_error", "element_text", "failure", "mechanisms_feature",
     "offered_mechanisms", "read_auth", "success",
 ]
+
+
+# ------------------------------------------------------------------ outbound additions (DESIGN §3.3)
+
+def db_verify(sender: str, target: str, stream_id: str, key: str) -> bytes:
+    """XEP-0220 §2.1.2: `sender` asks `target`'s authoritative server whether `key` is the one
+    `target` issued on stream `stream_id` (the outbound side relays the backend's question)."""
+    return (f"<db:verify xmlns:db={xml_attr(NS_DIALBACK)} from={xml_attr(sender)} to={xml_attr(target)} "
+            f"id={xml_attr(stream_id)}>{xml_text(key)}</db:verify>").encode("utf-8")
+
+
+def dialback_error_reason(el: Element) -> str:
+    """`condition: text` of a `<db:result type='error'>` / `<db:verify type='error'>` (XEP-0220
+    §2.4): the `<error/>` child's stanza-error condition and its `<text/>`, as far as given."""
+    error = next((c for c in el.children if c.name == "error"), None)
+    if error is None:
+        return "undefined-condition"
+    condition = next((c.name for c in error.children if c.ns == NS_STANZA_ERRORS and c.name != "text"),
+                     "undefined-condition")
+    text = ""
+    if error.span is not None:
+        # Children of <error/> carry no spans of their own: read <text/> from error's bytes.
+        found: list[str] = []
+        depth, inside = 0, False
+
+        def start(name, _attrs):
+            nonlocal depth, inside
+            depth += 1
+            inside = depth == 2 and name.rpartition(":")[2] == "text"
+
+        def end(_name):
+            nonlocal depth, inside
+            depth -= 1
+            inside = False
+
+        def chars(data: str) -> None:
+            if inside:
+                found.append(data)
+
+        parser = xml.parsers.expat.ParserCreate()
+        parser.StartElementHandler, parser.EndElementHandler = start, end
+        parser.CharacterDataHandler = chars
+        parser.Parse(el.raw[error.span[0]:error.span[1]], True)
+        text = "".join(found).strip()
+    return f"{condition}: {text}" if text else condition
+
+
+__all__ += ["db_verify", "dialback_error_reason"]

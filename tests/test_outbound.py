@@ -8,8 +8,8 @@ asserted.  The backend is a raw-XML stand-in too (tests/xmppclient.XmppStream), 
 stream error the proxy sends is visible.  DNS is tests/dnsenv.py (nsd + validating unbound:
 secure, insecure and bogus zones).  Prosody on both ends is in test_outbound_prosody.py.
 
-The sans-IO pieces (`OutboundSession`, `StartTlsNegotiation`, address ordering) are tested in
-memory first.
+The sans-IO pieces (`StartTlsNegotiation`, address ordering) are tested in memory first;
+`OutboundSession` in tests/test_outbound_session.py.
 
 `StandInPeer`, `proxy_running` and `backend_stream` are imported by test_check.py and
 test_outbound_prosody.py.
@@ -34,7 +34,8 @@ from proxy.connect import (
     NegotiationError, StartTlsNegotiation, TlsContexts, describe_stream_error, open_tcp, order_addresses,
 )
 from proxy.logsetup import DECISION_LOGGER, LogfmtFormatter
-from proxy.outbound import OutboundContext, OutboundProxy, OutboundSession
+from proxy.outbound import OutboundContext, OutboundProxy
+from proxy.s2s_auth import element_text
 from proxy.tls import TlsStream, server_context
 from proxy.xmlstream import Element, XmlStreamParser
 from xmppclient import NS_DIALBACK, NS_SERVER, XmppError, XmppStream, stream_header
@@ -222,9 +223,22 @@ class DecisionLog:
         return [l for l in self.buffer.getvalue().splitlines() if "event=decision" in l]
 
 
-async def expect_stream_error(xs: XmppStream, condition: str) -> str:
-    """Read the proxy's answer: a header, then `<stream:error>` with `condition`; its text."""
-    await xs.expect_header()
+async def ask_for_peer(xs: XmppStream, peer_domain: str, local: str = LOCAL) -> None:
+    """The backend's side of a stream the proxy answers itself (DESIGN §3.3): its header and
+    dialback feature (no connection to the peer yet), then a `<db:result>` -- the question that
+    makes the proxy connect to the peer."""
+    header = await xs.expect_header()
+    assert (header.get("from"), header.get("to")) == (peer_domain, local)
+    features = await xs.expect_stanza()
+    assert features.tag == f"{{{NS_STREAMS}}}features" and b"urn:xmpp:features:dialback" in features.raw
+    await xs.send(f"<db:result from='{local}' to='{peer_domain}'>k3y</db:result>")
+
+
+async def expect_stream_error(xs: XmppStream, condition: str, *, header: bool = True) -> str:
+    """Read the proxy's answer: a header (unless already read), then `<stream:error>` with
+    `condition`; its text."""
+    if header:
+        await xs.expect_header()
     with pytest.raises(XmppError) as info:
         await xs.expect_stanza()
     raw = str(info.value)
@@ -269,146 +283,8 @@ def test_starttls_failure_and_stream_errors_are_reasons():
                   + f"<proceed xmlns='{NS_TLS}'/>".encode() + b"\x16\x03\x01")
 
 
-def _opened(session: OutboundSession, to="peer.test", from_=LOCAL):
-    out = session.backend_data(stream_header(ns=NS_SERVER, dialback=True, to=to, from_=from_))
-    return out
-
-
-def test_session_holds_the_backend_header_until_the_peer_is_accepted():
-    s = OutboundSession(local_domains=[LOCAL])
-    out = _opened(s)
-    assert out.opening is not None and (out.opening.peer_domain, out.opening.local_domain) == ("peer.test", LOCAL)
-    assert out.to_peer == b"" and out.to_backend == b""
-    # Eager bytes are held, not sent.
-    out = s.backend_data(b"<db:result from='home.example' to='peer.test'>key</db:result>")
-    assert out.to_peer == b"" and s.state == "connecting"
-    first = s.peer_accepted()
-    assert first.startswith(b"<stream:stream") and first.endswith(b"key</db:result>")
-    assert b'to="peer.test"' in first
-
-
-def test_session_refusal_has_a_header_and_the_reason():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    data = s.refuse("remote-connection-failed", "no server of peer.test was accepted: x: rejected: y")
-    assert data.startswith(b"<?xml") and b"from='peer.test'" in data and f"to='{LOCAL}'".encode() in data
-    assert b"<remote-connection-failed " in data and b"rejected: y</text>" in data
-    assert data.endswith(b"</stream:stream>") and s.state == "closed"
-
-
-@pytest.mark.parametrize("to, from_, condition, text", [
-    ("peer.test", "stranger.example", "host-unknown", "stranger.example is not a [[domain]] of this proxy"),
-    ("peer.test", None, "host-unknown", "no 'from'"),
-    (None, LOCAL, "host-unknown", "no 'to'"),
-])
-def test_session_rejects_bad_headers(to, from_, condition, text):
-    s = OutboundSession(local_domains=[LOCAL])
-    out = _opened(s, to=to, from_=from_)
-    assert out.close and out.outcome == condition and out.opening is None
-    assert f"<{condition} ".encode() in out.to_backend and text.encode() in out.to_backend
-
-
-def test_session_relays_features_without_starttls_and_bidi_and_checks_addresses():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    out = s.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc")
-                      + f"<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls>"
-                        f"<bidi xmlns='urn:xmpp:features:bidi'/><dialback xmlns='urn:xmpp:features:dialback'/>"
-                        f"</stream:features>".encode())
-    assert b'id="abc"' in out.to_backend
-    assert b"<dialback xmlns='urn:xmpp:features:dialback'/>" in out.to_backend
-    assert b"starttls" not in out.to_backend and b"bidi" not in out.to_backend
-    # The backend's stanzas go to the peer byte for byte...
-    msg = b"<message from='a@home.example' to='b@peer.test'><body>hi &amp; bye</body></message>"
-    assert s.backend_data(msg).to_peer == msg
-    # ...whitespace keepalives too...
-    assert s.backend_data(b"  ").to_peer == b" "
-    # ...but not to another domain than the one verified on this stream.
-    out = s.backend_data(b"<message from='a@home.example' to='b@elsewhere.test'><body>x</body></message>")
-    assert out.close and out.outcome == "policy-violation"
-    assert b"only peer.test was verified" in out.to_backend and out.to_peer == b"</stream:stream>"
-
-
-@pytest.mark.parametrize("stanza", [
-    b"<message from='x@peer.test' to='y@home.example'/>",      # even from the verified domain
-    b"<message from='x@evil.test' to='y@home.example'/>",
-    b"<message xmlns='jabber:client' from='x@peer.test' to='y@home.example'/>",
-])
-def test_session_peer_stanzas_need_bidi_which_is_not_offered(stanza):
-    # DESIGN §3.1 deny by default, for what a peer sends back on a stream the proxy opened.
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
-    out = s.peer_data(stanza)
-    assert out.close and out.outcome == "policy-violation"
-    assert b"<unsupported-stanza-type " in out.to_peer and b"<remote-connection-failed " in out.to_backend
-    assert stanza not in out.to_backend
-
-
-def test_session_peer_dialback_answers_only_for_questions_the_backend_asked():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
-    s.backend_data(f"<db:result xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test'>k</db:result>".encode()
-                   + f"<db:verify xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test' id='i1'>k</db:verify>"
-                   .encode())
-    answer = f"<db:result xmlns:db='jabber:server:dialback' from='PEER.test.' to='{LOCAL}' type='valid'/>".encode()
-    assert s.peer_data(answer).to_backend == answer
-    verified = f"<db:verify xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}' id='i1' type='valid'/>"
-    assert s.peer_data(verified.encode()).to_backend == verified.encode()
-    # Not asked: another id, another pair, a request instead of an answer.
-    for unasked in (verified.replace("i1", "i2"),
-                    f"<db:result xmlns:db='jabber:server:dialback' from='other.test' to='{LOCAL}' type='valid'/>",
-                    f"<db:result xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}'>k</db:result>",
-                    f"<db:request xmlns:db='jabber:server:dialback' from='peer.test' to='{LOCAL}'/>"):
-        t = OutboundSession(local_domains=[LOCAL])
-        _opened(t)
-        t.peer_accepted()
-        t.peer_data(stream_header(ns=NS_SERVER, dialback=True, from_="peer.test", id="abc") + b"<stream:features/>")
-        t.backend_data(f"<db:verify xmlns:db='jabber:server:dialback' from='{LOCAL}' to='peer.test' id='i1'>k"
-                       f"</db:verify>".encode())
-        out = t.peer_data(unasked.encode())
-        assert out.close and b"<unsupported-stanza-type " in out.to_peer, unasked
-        assert unasked.encode() not in out.to_backend
-
-
-def test_session_backend_starttls_gets_failure():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, id="abc") + b"<stream:features/>")
-    out = s.backend_data(f"<starttls xmlns='{NS_TLS}'/>".encode())
-    assert out.to_backend.startswith(f"<failure xmlns='{NS_TLS}'/>".encode()) and out.close
-    assert out.notes and "s2s_require_encryption = false" in out.notes[0]
-
-
-def test_session_sasl_success_restarts_both_streams():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, id="one") + b"<stream:features/>")
-    auth = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"
-    assert s.backend_data(auth).to_peer == auth
-    success = b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
-    header2 = stream_header(ns=NS_SERVER, id="two")
-    out = s.peer_data(success + header2 + b"<stream:features/>")
-    assert out.to_backend.startswith(success) and b'id="two"' in out.to_backend
-    out = s.backend_data(stream_header(ns=NS_SERVER, to="peer.test", from_=LOCAL))
-    assert out.to_peer.startswith(b"<stream:stream") and s.sasl_restarts == 1
-
-
-def test_session_close_is_passed_on_and_both_sides_end():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, id="abc") + b"<stream:features/>")
-    out = s.backend_data(b"</stream:stream>")
-    assert out.to_peer == b"</stream:stream>" and not out.close and s.closing
-    out = s.peer_data(b"</stream:stream>")
-    assert out.to_backend == b"</stream:stream>" and out.close and out.outcome == "ok"
+# The session itself (answering the backend, authenticating to the peer) is tested in memory in
+# tests/test_outbound_session.py.
 
 
 def test_describe_stream_error_reads_condition_and_text():
@@ -469,11 +345,15 @@ def issue_peer(domain: str, ca: TestCA = INTERMEDIATE):
 async def _deliver_through(port: int, peer: StandInPeer, transcript: list) -> None:
     """Backend side of a good stream: header, dialback, a message, close."""
     xs = await backend_stream(port, peer.domain, transcript=transcript)
+    connections = len(peer.connections)
     header = await xs.expect_header()
-    assert header.get("id") == "peer-stream-1" and header.get("from") == peer.domain
+    # The proxy answers the backend's stream itself (DESIGN §3.3): its own id, its own
+    # features (dialback only), and no connection to the peer until a question needs one.
+    assert header.get("id") not in (None, "", "pre-tls", "peer-stream-1") and header.get("from") == peer.domain
     features = await xs.expect_stanza()
-    assert b"starttls" not in features.raw and b"bidi" not in features.raw
+    assert b"starttls" not in features.raw and b"bidi" not in features.raw and b"mechanisms" not in features.raw
     assert b"urn:xmpp:features:dialback" in features.raw
+    assert len(peer.connections) == connections
     await xs.send(f"<db:result from='{LOCAL}' to='{peer.domain}'>k3y</db:result>")
     result = await xs.expect_stanza()
     assert (result.tag, result.get("type")) == (f"{{{NS_DIALBACK}}}result", "valid")
@@ -510,7 +390,12 @@ def test_starttls_peer_with_matching_dane_ee_gets_the_backend_stream(dns_env, tm
     # Before TLS: only our own header and <starttls/>.  After: the backend's header first.
     assert b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" in rec.pre_tls
     assert b"k3y" not in rec.pre_tls and b"over the proxy" not in rec.pre_tls
-    assert rec.post_tls.startswith(b"<stream:stream") and f'from="{LOCAL}"'.encode() in rec.post_tls
+    # After TLS: the proxy's own stream from L, its own dialback key (the stand-in offers no
+    # EXTERNAL) -- the backend's key never leaves the proxy -- then the backend's stanza.
+    assert rec.post_tls.startswith(b"<?xml") and f"from='{LOCAL}'".encode() in rec.post_tls
+    assert b"k3y" not in rec.post_tls
+    (db,) = [e for e in peer.received_stanzas if e.is_(NS_DIALBACK, "result")]
+    assert db.attrs["from"] == LOCAL and len(element_text(db)) == 64
     assert b"over the proxy" in rec.post_tls and rec.post_tls.endswith(b"</stream:stream>")
     assert rec.sni == domain and rec.alpn is None
     # Our client certificate is the local domain's.
@@ -538,7 +423,7 @@ def test_direct_tls_peer_gets_alpn_and_sni_and_dane_ta(dns_env, tmp_path):
     lines = trio.run(main)
     (rec,) = peer.connections
     assert rec.pre_tls == b"" and rec.sni == domain and rec.alpn == "xmpp-server"
-    assert rec.post_tls.startswith(b"<stream:stream")
+    assert rec.post_tls.startswith(b"<?xml") and b"k3y" not in rec.post_tls
     assert "verdict=accept prooftype=dane-ta" in lines[0] and "mode=direct-tls" in lines[0]
 
 
@@ -566,7 +451,8 @@ def test_rejected_peer_gets_nothing_and_backend_gets_the_reason(dns_env, tmp_pat
             with DecisionLog() as decisions:
                 async with proxy_running(make_context(dns_env, tmp_path, policies=policies)) as (_, port):
                     xs = await backend_stream(port, domain)
-                    text = await expect_stream_error(xs, "remote-connection-failed")
+                    await ask_for_peer(xs, domain)
+                    text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                     await xs.aclose()
                     if peer.connections:
                         with trio.fail_after(TIMEOUT):
@@ -651,7 +537,8 @@ def test_pkix_accepts_with_insecure_srv_and_no_tlsa(dns_env, tmp_path):
                 # Without the test root the same peer is refused (PKIX cannot validate).
                 async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                     xs = await backend_stream(port, domain)
-                    text = await expect_stream_error(xs, "remote-connection-failed")
+                    await ask_for_peer(xs, domain)
+                    text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                     await xs.aclose()
             nursery.cancel_scope.cancel()
         return decisions.lines, text
@@ -672,7 +559,8 @@ def test_unreachable_targets_are_named_in_the_error(dns_env, tmp_path):
             dns_env.publish_xmpp(domain, f"y.{domain}", 9, dead, None, priority=5, direct_tls=True)
         async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
             xs = await backend_stream(port, domain)
-            text = await expect_stream_error(xs, "remote-connection-failed")
+            await ask_for_peer(xs, domain)
+            text = await expect_stream_error(xs, "remote-connection-failed", header=False)
             await xs.aclose()
         return text
 
@@ -688,7 +576,8 @@ def test_bogus_srv_fails_closed(dns_env, tmp_path):
         with DecisionLog() as decisions:
             async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                 xs = await backend_stream(port, domain)
-                text = await expect_stream_error(xs, "remote-connection-failed")
+                await ask_for_peer(xs, domain)
+                text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                 await xs.aclose()
         return text, decisions.lines
 
@@ -716,26 +605,14 @@ def test_domain_without_service_is_refused_without_connecting(dns_env, tmp_path)
         with DecisionLog() as decisions:
             async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
                 xs = await backend_stream(port, domain)
-                text = await expect_stream_error(xs, "remote-connection-failed")
+                await ask_for_peer(xs, domain)
+                text = await expect_stream_error(xs, "remote-connection-failed", header=False)
                 await xs.aclose()
         return text, decisions.lines
 
     text, lines = trio.run(main)
     assert text == f"{domain}: it publishes no XMPP server-to-server service (SRV target '.')"
     assert "verdict=reject" in lines[0] and "peer=-" in lines[0]
-
-
-def test_session_shutdown_says_system_shutdown_to_the_backend():
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    out = s.shutdown()      # before any peer: our own header first
-    assert out.to_backend.startswith(b"<?xml") and b"<system-shutdown " in out.to_backend and out.close
-    s = OutboundSession(local_domains=[LOCAL])
-    _opened(s)
-    s.peer_accepted()
-    s.peer_data(stream_header(ns=NS_SERVER, id="abc") + b"<stream:features/>")
-    out = s.shutdown()
-    assert out.to_peer == b"</stream:stream>" and out.to_backend.startswith(b"<stream:error><system-shutdown ")
 
 
 def test_proxy_shutdown_ends_a_relayed_stream(dns_env, tmp_path):
@@ -748,8 +625,8 @@ def test_proxy_shutdown_ends_a_relayed_stream(dns_env, tmp_path):
             _publish(dns_env, peer, "3 1 1")
             async with proxy_running(make_context(dns_env, tmp_path)) as (proxy, port):
                 xs = await backend_stream(port, domain)
-                await xs.expect_header()
-                await xs.expect_stanza()                      # the peer's features: relaying
+                await ask_for_peer(xs, domain)
+                assert (await xs.expect_stanza()).get("type") == "valid"     # the peer is connected
                 proxy.shutdown()
                 text = None
                 with pytest.raises(XmppError) as info:

@@ -33,6 +33,7 @@ from proxy.server import ProxyServer
 from test_inbound_openssl import (
     LOCAL, FakeBackend, Peer, db_result, decisions, make_config, stream_error_of, world,  # noqa: F401
 )
+from test_outbound import LOCAL as OUT_LOCAL
 from test_outbound import (
     StandInPeer, _publish, backend_stream, issue_peer, make_context, peer_cert_of, proxy_running,
 )
@@ -220,7 +221,7 @@ def test_outbound_pair_is_judged_again(tmp_path, dns_env, change):
                 xs = await backend_stream(port, domain)
                 await xs.expect_header()
                 await xs.expect_stanza()                      # features
-                await xs.send(f"<db:result from='{LOCAL}' to='{domain}'>k3y</db:result>")
+                await xs.send(f"<db:result from='{OUT_LOCAL}' to='{domain}'>k3y</db:result>")
                 result = await xs.expect_stanza()
                 assert result.get("type") == "valid"
                 assert len(rv) == 1
@@ -243,7 +244,7 @@ def test_outbound_pair_is_judged_again(tmp_path, dns_env, change):
                         await until(lambda: counted(metrics, "outbound", "kept") > kept, "a re-verification after")
                 if stays:
                     await until(lambda: counted(metrics, "outbound", "kept") >= 2, "two re-verifications")
-                    await xs.send(f"<message from='a@{LOCAL}' to='b@{domain}'><body>still relayed</body></message>")
+                    await xs.send(f"<message from='a@{OUT_LOCAL}' to='b@{domain}'><body>still relayed</body></message>")
                     await until(lambda: any(b"still relayed" in c.post_tls for c in peer.connections), "relay")
                     backend_closed = False
                 else:

@@ -23,7 +23,7 @@ from pki import TestCA, self_signed
 from policy.tlsa import record_for
 from proxy.websocket import NS_FRAMING_SERVER
 from proxy.websocket_outbound import LINK_REL, discoverer_for, parse_host_meta_json, parse_host_meta_xrd
-from test_outbound import LOCAL, backend_stream, make_context, proxy_running
+from test_outbound import LOCAL, ask_for_peer, backend_stream, make_context, proxy_running
 from xmppclient import NS_DIALBACK, XmppError
 
 TIMEOUT = 10.0
@@ -217,12 +217,9 @@ def test_websocket_peer_discovered_verified_and_relayed(dns_env, tmp_path):
                 discoverer_for(ctx.resolver).https_port = meta.port
                 async with proxy_running(ctx) as (_, port):
                     backend = await backend_stream(port, d)
-                    header = await backend.expect_header()
-                    assert header.get("id") == "ws-peer-1" and header.get("from") == d
-                    features = await backend.expect_stanza()
-                    assert features.tag == f"{{{NS_STREAMS}}}features"
-                    assert b"starttls" not in features.raw and b"dialback" in features.raw
-                    await backend.send(f"<db:result from='{LOCAL}' to='{d}'>k3y</db:result>")
+                    # Answered by the proxy itself (DESIGN §3.3); the peer is reached for the
+                    # backend's <db:result>, and the proxy authenticates L with its own key.
+                    await ask_for_peer(backend, d)
                     valid = await backend.expect_stanza()
                     assert valid.tag == f"{{{NS_DIALBACK}}}result" and valid.element.get("type") == "valid"
                     await backend.send(message)
@@ -234,7 +231,8 @@ def test_websocket_peer_discovered_verified_and_relayed(dns_env, tmp_path):
         assert meta.requests == [b"GET /.well-known/host-meta.json HTTP/1.1"]
         opened, db, msg, close = peer.connections[0]
         assert opened.tag == f"{{{NS_FRAMING_SERVER}}}open" and opened.get("to") == d and opened.get("from") == LOCAL
-        assert db.tag == f"{{{NS_DIALBACK}}}result" and db.text == "k3y"
+        assert db.tag == f"{{{NS_DIALBACK}}}result" and db.get("from") == LOCAL
+        assert db.text != "k3y" and len(db.text) == 64          # the proxy's key, not the backend's
         # The backend's stanza relied on its stream's default namespace; standalone it says so.
         assert msg.tag == "{jabber:server}message" and msg.find("{jabber:server}body").text == "hi \u2713"
 
@@ -255,7 +253,7 @@ def test_rejected_websocket_endpoint_gets_no_request_and_backend_gets_the_reason
                 discoverer_for(ctx.resolver).https_port = meta.port
                 async with proxy_running(ctx) as (_, port):
                     backend = await backend_stream(port, d)
-                    await backend.expect_header()
+                    await ask_for_peer(backend, d)
                     with pytest.raises(XmppError) as info:
                         await backend.expect_stanza()
         text = str(info.value)
@@ -276,7 +274,7 @@ def test_without_websocket_in_transports_there_is_no_discovery(dns_env, tmp_path
             discoverer_for(ctx.resolver).https_port = meta.port
             async with proxy_running(ctx) as (_, port):
                 backend = await backend_stream(port, d)
-                await backend.expect_header()
+                await ask_for_peer(backend, d)
                 with pytest.raises(XmppError) as info:
                     await backend.expect_stanza()
         assert "remote-connection-failed" in str(info.value)
@@ -330,7 +328,7 @@ def test_bad_framing_from_the_websocket_peer_is_a_stream_error_both_ways(dns_env
                 discoverer_for(ctx.resolver).https_port = meta.port
                 async with proxy_running(ctx) as (_, port):
                     backend = await backend_stream(port, d)
-                    await backend.expect_header()
+                    await ask_for_peer(backend, d)
                     with pytest.raises(XmppError) as info:
                         await backend.expect_stanza()
                     await peer.wait_for(lambda: any(e.tag == f"{{{NS_STREAMS}}}error" for e in peer.connections[0]))

@@ -1,0 +1,192 @@
+"""The outbound side authenticates the backend's domain itself (DESIGN §3.3), with real servers.
+
+* Prosody 0.12 and ejabberd 23.01 backends (through contrib/'s modules) → the proxy (in-process,
+  `outbound.listen`) → an ejabberd peer that authenticates servers with SASL EXTERNAL only
+  (no `mod_s2s_dialback`): the proxy presents L's certificate, authenticates L by EXTERNAL and
+  answers the backend's dialback itself -- the message is delivered.  The same peer behind a
+  TLSA that names another key gets nothing, and the backend's user gets a bounce with the
+  proxy's reason.
+* An ejabberd backend checks a dialback key the proxy minted (as the inbound side does for a
+  peer it accepted by certificate: a `<db:result>` sent to the backend's plaintext S2S port):
+  the proxy answers the backend's `<db:verify>` itself and opens no connection to the peer
+  (counted at the peer's published address).  The control -- a key the proxy did not mint --
+  makes the proxy connect to the peer.
+
+The peer ejabberd trusts the test CA (`s2s_cafile`); the proxy's client certificate for L has
+dNSName SANs only (ejabberd 23.01 crashes on an xmppAddr SAN when checking EXTERNAL).
+"""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from ejabberdenv import EjabberdHost, ejabberd_factory  # noqa: F401 (fixture)
+from prosodyenv import VirtualHost, free_port, prosody_factory  # noqa: F401 (fixture)
+from proxyenv import RunningProxy, write_config, write_policies
+from test_ejabberd_outbound import (  # noqa: F401 (fixtures)
+    BACKEND_IP, CA, PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, _peer_domain, _site, ca_file, module_dir,
+    send_for_bounce,
+)
+from xmppclient import NS_DIALBACK, NS_SERVER, XmppStream, deliver_message, stream_header
+
+PROSODY_CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "prosody"
+
+
+def _prosody_site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, prosody_factory):
+    """The proxy (inbound on PROXY_IP, `outbound.listen` on loopback) and a Prosody backend for a
+    fresh domain L whose outgoing S2S goes to the proxy through contrib/prosody's module."""
+    local = dns_env.fresh(dns_env.secure, "home")
+    backend_port = free_port(BACKEND_IP)
+    cert_path, key_path = CA.issue([local]).write(tmp_path / "proxy", local)
+    config = write_config(
+        tmp_path / "proxy" / "config.toml", listen=[f"{PROXY_IP}:0"], backend=f"{BACKEND_IP}:{backend_port}",
+        domains=[(local, cert_path, key_path)], nameservers=[dns_env.resolver_address],
+        policy_dir=write_policies(tmp_path / "policy.d", {}), ca_file=ca_file, outbound_listen=["127.0.0.1:0"],
+        dns_timeout=8.0, handshake_timeout=20.0)
+    proxy = stack.enter_context(RunningProxy(config))
+    stack.callback(lambda: print("--- proxy log\n" + proxy.log.text()))
+    out_ip, out_port = proxy.outbound
+    backend = prosody_factory(
+        [VirtualHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
+        modules=["s2s_dane_proxy"], plugin_paths=[PROSODY_CONTRIB], extra_config=f's2s_dane_proxy = "{out_ip}:{out_port}"')
+    in_ip, in_port = proxy.inbound
+    dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
+    return local, proxy, backend
+
+
+def _external_only_peer(ejabberd_factory, dns_env, ca_file, matching: bool):
+    name, cert, port = _peer_domain(dns_env, matching=matching)
+    peer = ejabberd_factory([EjabberdHost(name, cert=cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
+                            s2s_port=port, ca_file=ca_file, nameserver=dns_env.resolver_address, dialback=False)
+    return name, peer
+
+
+def _site_of(kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory, prosody_factory, module_dir):
+    if kind == "prosody":
+        return _prosody_site(stack, tmp_path, dns_env, ca_file, prosody_factory)
+    return _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
+
+
+@pytest.mark.parametrize("backend_kind", ["prosody", "ejabberd"])
+def test_backend_delivers_to_an_external_only_ejabberd_peer(
+        ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, backend_kind):
+    with ExitStack() as stack:
+        local, proxy, backend = _site_of(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
+                                         prosody_factory, module_dir)
+        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, matching=True)
+
+        got = deliver_message(backend.account(f"{USER}@{local}", PASSWORD), peer.account(f"{USER}@{name}", PASSWORD),
+                              "external only", timeout=TIMEOUT)
+        assert got.get("from") == f"{USER}@{local}/sender"
+        decision = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
+        assert (decision["verdict"], decision["prooftype"]) == ("accept", "dane-ee"), decision
+        done = proxy.log.wait_for(TIMEOUT, event="authenticated-to-peer", domain=name)
+        assert (done["local"], done["method"]) == (local, "sasl-external"), done
+        # The peer accepted L by the certificate the proxy presented, not by dialback.
+        peer.wait_for_log(rf"Accepted inbound s2s EXTERNAL authentication {re.escape(local)} -> {re.escape(name)}")
+
+
+@pytest.mark.parametrize("backend_kind", ["prosody", "ejabberd"])
+def test_backend_message_to_a_mismatching_external_only_peer_bounces_with_the_reason(
+        ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, backend_kind):
+    with ExitStack() as stack:
+        local, proxy, backend = _site_of(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
+                                         prosody_factory, module_dir)
+        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, matching=False)
+
+        bounce = send_for_bounce(backend.account(f"{USER}@{local}", PASSWORD), f"{USER}@{name}", "must not arrive")
+        assert bounce is not None, "no bounce\n" + proxy.log.text()
+        # The proxy's stream error text reaches the user's bounce (both servers quote it).
+        assert "remote-connection-failed" in bounce and "no usable TLSA record matches" in bounce, bounce
+        decision = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
+        assert decision["verdict"] == "reject" and "no usable TLSA record matches" in decision["reason"], decision
+        log = peer.log_text()
+        assert "must not arrive" not in log
+        assert not re.search(rf"Accepted inbound s2s \S+ authentication {re.escape(local)} -> ", log), log
+
+
+class CountingListener:
+    """The peer's published address: counts connections and closes each at once (so a proxy
+    that did connect fails fast instead of waiting for a handshake)."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((ip, 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(5)
+
+
+async def _dialback_to_backend(backend_addr, peer: str, local: str, key_for) -> str | None:
+    """As the proxy's inbound side does for a peer it accepted by certificate: a plaintext
+    stream from `peer` to the backend, a `<db:result>` with `key_for(backend's stream id)`;
+    returns the type of the backend's answer."""
+    xs = await XmppStream.connect(*backend_addr, label="backend")
+    try:
+        await xs.send(stream_header(ns=NS_SERVER, dialback=True, from_=peer, to=local))
+        header = await xs.expect_header()
+        stream_id = header.get("id")
+        assert stream_id
+        await xs.expect_stanza()                       # features
+        await xs.send(f"<db:result from='{peer}' to='{local}'>{key_for(stream_id)}</db:result>")
+        answer = await xs.wait_for(lambda s: s.tag == f"{{{NS_DIALBACK}}}result", timeout=TIMEOUT)
+        return answer.get("type")
+    finally:
+        await xs.aclose()
+
+
+@pytest.mark.parametrize("key", ["minted", "control-not-ours"])
+def test_ejabberd_backend_verifies_a_proxy_key_with_no_connection_to_the_peer(
+        ejabberd_factory, dns_env, ca_file, module_dir, tmp_path, key):
+    peer_listener = CountingListener(PEER_IP)
+    with ExitStack() as stack:
+        stack.callback(peer_listener.close)
+        local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
+        # The peer domain's only server is the counting listener (secure SRV, some TLSA).
+        name = dns_env.fresh(dns_env.secure, "peer")
+        dns_env.publish_xmpp(name, f"xmpp.{name}", peer_listener.address[1], PEER_IP, CA.issue([name]).cert, "3 1 1")
+        keys = proxy.server.outbound_handler.context.dialback_keys
+
+        def key_for(stream_id: str) -> str:
+            if key == "minted":
+                return keys.mint(receiving=local, originating=name, stream_id=stream_id)
+            return "ab" * 32
+
+        answer = trio.run(_dialback_to_backend, backend.s2s_addr, name, local, key_for)
+        if key == "minted":
+            assert answer == "valid"
+            answered = proxy.log.wait_for(TIMEOUT, event="dialback-answered-locally", domain=name)
+            assert answered["local"] == local
+            # ejabberd's verification stream went to the proxy, which answered it: nothing at
+            # the peer, not even a TCP connection; no verdict was needed.
+            assert peer_listener.accepted == 0
+            assert proxy.decisions(direction="outbound", domain=name) == []
+        else:
+            assert answer != "valid"
+            proxy.log.wait_for(TIMEOUT, event="peer-unreachable", domain=name)
+            assert peer_listener.accepted >= 1          # the control: this key needed the peer

@@ -160,9 +160,6 @@ def configure_logging(level: str = "info", fmt: str = "text", *, stream: TextIO 
         old.close()     # StreamHandler.close() leaves the stream itself open
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
-    # No format here shows a record's thread or process names: do not collect them for
-    # every line (a set-up logs two; bench/).
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     return handler
 
 

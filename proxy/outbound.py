@@ -131,8 +131,11 @@ class OutboundProxy:
 
     def reload(self, config: Config) -> None:
         """New policies, trust store and certificates; keeps the resolver (and its cache)."""
-        self.context = OutboundContext.from_config(config, resolver=self.context.resolver,
-                                                   metrics=self.context.metrics)
+        old = self.context
+        self.context = OutboundContext.from_config(config, resolver=old.resolver, metrics=old.metrics)
+        # One dialback secret for the process lifetime: keys minted before the reload (by
+        # either direction) are still recognised after it.
+        self.context.dialback_keys = old.dialback_keys
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         await self.handle(stream)

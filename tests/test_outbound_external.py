@@ -111,6 +111,26 @@ def test_backend_message_to_a_mismatching_external_only_peer_bounces_with_the_re
         assert not re.search(rf"Accepted inbound s2s \S+ authentication {re.escape(local)} -> ", log), log
 
 
+def test_an_external_only_peer_that_refuses_the_certificate_bounces_with_its_reason(
+        ejabberd_factory, dns_env, ca_file, module_dir, tmp_path):
+    # The peer is accepted by DANE, but it does not trust the proxy's client certificate (no
+    # s2s_cafile) and has no dialback: EXTERNAL fails, the proxy's dialback fallback is
+    # refused, and the backend's user learns why.
+    with ExitStack() as stack:
+        local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
+        name, cert, port = _peer_domain(dns_env, matching=True)
+        peer = ejabberd_factory([EjabberdHost(name, cert=cert, users={USER: PASSWORD})], mode="peer",
+                                address=PEER_IP, s2s_port=port, nameserver=dns_env.resolver_address, dialback=False)
+        bounce = send_for_bounce(backend.account(f"{USER}@{local}", PASSWORD), f"{USER}@{name}", "must not arrive")
+        assert bounce is not None, "no bounce\n" + proxy.log.text()
+        refused = proxy.log.wait_for(TIMEOUT, event="peer-stream-failed", domain=name)
+        # ejabberd without dialback ends the stream (not-authorized) at the proxy's dialback key.
+        assert refused["reason"].startswith(f"the peer {name} ended the stream: not-authorized"), refused
+        assert f"after SASL EXTERNAL refused by {name}" in refused["reason"], refused
+        assert refused["reason"] in bounce.replace("&apos;", "'"), bounce
+        assert "must not arrive" not in peer.log_text()
+
+
 class CountingListener:
     """The peer's published address: counts connections and closes each at once (so a proxy
     that did connect fails fast instead of waiting for a handshake)."""

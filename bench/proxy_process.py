@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import os
 import signal
 import sys
 from pathlib import Path
@@ -64,6 +65,50 @@ async def run(config_path: str, with_metrics: bool) -> None:
 
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(stop_on_stdin_eof)
+        if os.environ.get(MEMDUMP_ENV):
+            nursery.start_soon(dump_memory_on_signal, os.environ[MEMDUMP_ENV])
+
+
+# `run.py --memdump`: tracemalloc from the start; SIGUSR1 writes where the Python heap is
+# (top allocation sites) and the kernel's view (/proc/self/smaps_rollup) to PATH.
+MEMDUMP_ENV = "XDP_BENCH_MEMDUMP"
+
+
+async def dump_memory_on_signal(path: str) -> None:
+    import tracemalloc
+
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            lines = []
+            for key in ("lineno", "traceback") if tracemalloc.is_tracing() else ():
+                if key == "lineno":
+                    snapshot = tracemalloc.take_snapshot()
+                    lines.append(f"traced: {tracemalloc.get_traced_memory()[0]} bytes")
+                lines.append(f"--- top by {key}")
+                for stat in snapshot.statistics(key)[:40 if key == "lineno" else 12]:
+                    lines.append(f"{stat.size} B in {stat.count} blocks: " + (
+                        str(stat.traceback[0]) if key == "lineno" else " <- ".join(
+                            str(frame) for frame in list(stat.traceback)[:12])))
+            try:
+                import ctypes
+
+                class _MallInfo2(ctypes.Structure):
+                    _fields_ = [(name, ctypes.c_size_t) for name in (
+                        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                        "uordblks", "fordblks", "keepcost")]
+
+                libc = ctypes.CDLL(None)
+                libc.mallinfo2.restype = _MallInfo2
+                info = libc.mallinfo2()
+                lines.append(f"--- malloc: in use {info.uordblks} B (+{info.hblkhd} B mmapped), "
+                             f"free in arenas {info.fordblks} B")
+            except (OSError, AttributeError):
+                pass
+            lines.append("--- smaps_rollup")
+            lines.append(Path("/proc/self/smaps_rollup").read_text())
+            target = path if Path(path + ".before").exists() else path + ".before"
+            Path(target + ".tmp").write_text("\n".join(lines))
+            os.replace(target + ".tmp", target)
 
 
 def main() -> None:
@@ -75,6 +120,10 @@ def main() -> None:
                              "(sampling, lower overhead; OUT is a text report)")
     parser.add_argument("--no-metrics", action="store_true", help="do not keep Prometheus counters")
     args = parser.parse_args()
+    if os.environ.get(MEMDUMP_ENV) and os.environ.get(MEMDUMP_ENV + "_FRAMES", "16") != "0":
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ.get(MEMDUMP_ENV + "_FRAMES", "16")))
     if not args.profile:
         trio.run(run, args.config, not args.no_metrics)
     elif args.profiler == "pyinstrument":

@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -317,11 +318,22 @@ class Bench:
 
     # ------------------------------------------------------------------ 1. memory
 
+    @staticmethod
+    def _memdump(server, path: str) -> None:
+        """XDP_BENCH_MEMDUMP (analysis only): the proxy writes its heap to `path` (SIGUSR1)."""
+        os.kill(server.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def memory(self) -> None:
         k = self.s.idle_streams
         figures = {}
         for name, ep in self.endpoints.items():
             server = self.servers[name]
+            dump = os.environ.get("XDP_BENCH_MEMDUMP") if name == "proxy" else None
+            if dump:
+                self._memdump(server, dump + ".before")
             before = server.rss_kib()
             streams = []
             try:
@@ -329,6 +341,9 @@ class Bench:
                     streams.append(S2SStream(ep, self.ctx).open())
                 during = server.rss_kib()
                 threads = server.threads()
+                if dump:
+                    self._memdump(server, dump)
+                    log(f"memory: the proxy's heap before and with {k} idle streams: {dump}.before, {dump}")
             finally:
                 for stream in streams:
                     stream.close()

@@ -353,6 +353,10 @@ class Resolver:
         self._probes: dict[Nameserver, ProbeResult] = {}
         self._probed_at: float | None = None
         self._probe_lock = trio.Lock()
+        # Changes whenever a probe verdict changes (and with the first one): whatever was
+        # read from answers under one set of probe verdicts (policy.evidence_cache) is read
+        # again under the next.
+        self.validation_epoch = 0
 
     def trusted(self, nameserver: Nameserver) -> bool:
         """Whether this resolver's AD bit is believed."""
@@ -401,10 +405,17 @@ class Resolver:
             for ns in self.nameservers:
                 before = self._probes.get(ns)
                 self._probes[ns] = results[ns]
+                if before is None or before.ok != results[ns].ok:
+                    self.validation_epoch += 1
                 if self._on_probe is not None and (before is None or before.ok != results[ns].ok):
                     self._on_probe(results[ns])
             self._probed_at = self._clock()
         return self.probe_results()
+
+    def probe_due(self) -> bool:
+        """Whether the next lookup runs the DNSSEC probe first (it is over `probe_interval`
+        old, or was never made)."""
+        return self._probe_due()
 
     def _probe_due(self) -> bool:
         if self.probe_name is None:

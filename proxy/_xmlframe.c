@@ -71,6 +71,18 @@ typedef struct {
     PyObject *trailing;        /* bytes after a stop_after element */
     PyObject *el_ns, *el_name, *el_attrs;  /* the open first-level element */
     Builder tree[TREE_DEPTH];  /* [0]: its children; [1], [2]: the open child, grandchild */
+    /* Idle streams (release_idle): the expat parser is freed between first-level elements and
+     * made again when bytes arrive, by replaying the header's start tag.  `header` is that
+     * tag as received; expat's byte index plus `index_delta` is the stream offset; expat's
+     * line L and column C read as the stream's through `line_delta`, and on the replay's last
+     * line (`replay_line`) with `col_delta` added. */
+    PyObject *header;
+    long long index_delta;
+    unsigned long line_delta, replay_line;
+    long col_delta;
+    int replaying;             /* handlers ignore the header's replay */
+    int released;              /* the parser is freed until the next bytes */
+    unsigned long resume_line, resume_col;   /* while released: where the stream stood */
 } Framer;
 
 /* ------------------------------------------------------------------ helpers */
@@ -199,12 +211,23 @@ static PyObject *buf_slice(Framer *self, long long start, long long end)
 
 static long long token_start(Framer *self)
 {
-    return (long long)XML_GetCurrentByteIndex(self->p);
+    return (long long)XML_GetCurrentByteIndex(self->p) + self->index_delta;
 }
 
 static long long token_end(Framer *self)
 {
-    return (long long)XML_GetCurrentByteIndex(self->p) + XML_GetCurrentByteCount(self->p);
+    return (long long)XML_GetCurrentByteIndex(self->p) + self->index_delta + XML_GetCurrentByteCount(self->p);
+}
+
+/* expat's line and column of a position, as the stream's (see Framer.line_delta). */
+static unsigned long stream_line(Framer *self, unsigned long line)
+{
+    return line + self->line_delta;
+}
+
+static unsigned long stream_column(Framer *self, unsigned long line, unsigned long column)
+{
+    return line == self->replay_line ? (unsigned long)((long)column + self->col_delta) : column;
 }
 
 static void builder_clear(Builder *b)
@@ -270,7 +293,7 @@ static void restricted(Framer *self, PyObject *what_args)
 static void h_ns_decl(void *ud, const XML_Char *prefix, const XML_Char *uri)
 {
     Framer *self = ud;
-    if (self->halted || self->header_seen)
+    if (self->replaying || self->halted || self->header_seen)
         return;   /* only the header's declarations are reported (StreamOpened.namespaces) */
     PyObject *k = prefix ? decode(prefix) : (Py_INCREF(Py_None), Py_None);
     PyObject *v = uri ? decode(uri) : (Py_INCREF(Py_None), Py_None);
@@ -386,6 +409,8 @@ static void open_stream(Framer *self, const XML_Char *qname, const XML_Char **at
             Py_XDECREF(attrs);
             py_fail(self);
         } else {
+            Py_INCREF(raw);
+            Py_XSETREF(self->header, raw);   /* replayed after release_idle() */
             append_event(self, PyObject_CallFunctionObjArgs(g_opened_type, attrs, namespaces, raw, NULL));
             Py_DECREF(raw);
             Py_DECREF(attrs);
@@ -399,7 +424,7 @@ static void open_stream(Framer *self, const XML_Char *qname, const XML_Char **at
 static void h_start(void *ud, const XML_Char *qname, const XML_Char **atts)
 {
     Framer *self = ud;
-    if (self->halted)
+    if (self->replaying || self->halted)
         return;
     long depth = self->depth++;
     if (depth == 0) {
@@ -436,7 +461,7 @@ static void h_end(void *ud, const XML_Char *qname)
 {
     Framer *self = ud;
     (void)qname;
-    if (self->halted)
+    if (self->replaying || self->halted)
         return;
     long depth = --self->depth;
     if (depth == 0) {
@@ -560,7 +585,7 @@ static int Framer_init(Framer *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "proxy._xmlframe.configure() was not called");
         return -1;
     }
-    if (self->p != NULL) {
+    if (self->p != NULL || self->released) {
         PyErr_SetString(PyExc_RuntimeError, "Framer is initialised once");
         return -1;
     }
@@ -585,6 +610,7 @@ static void Framer_dealloc(Framer *self)
     if (self->p != NULL)
         XML_ParserFree(self->p);
     PyMem_Free(self->buf);
+    Py_CLEAR(self->header);
     Py_CLEAR(self->stop_after);
     Py_CLEAR(self->events);
     Py_CLEAR(self->pending_ns);
@@ -774,13 +800,64 @@ static void compact_and_check(Framer *self)
     }
 }
 
+/* ------------------------------------------------------------------ idle streams
+ *
+ * Between first-level elements an expat parser holds only what the stream header set up (its
+ * namespace bindings, the open <stream:stream>) -- in ~8 KiB of name pools, hash tables and
+ * input buffer (grown to the largest read it was ever given).  An idle stream does not need
+ * them: release_idle() frees the parser, and the next feed() makes a new one and replays the
+ * header's start tag (as received, with events off), which puts expat in the same state.
+ * Offsets, lines and columns are carried over, so events and error texts are the same as
+ * without the release (tests/test_xmlstream_differential.py releases at every chance). */
+
+static int revive(Framer *self)
+{
+    if (setup_parser(self) < 0)
+        return -1;
+    const char *h = PyBytes_AS_STRING(self->header);
+    Py_ssize_t n = PyBytes_GET_SIZE(self->header);
+    self->replaying = 1;
+    int rc = XML_Parse(self->p, h, (int)n, XML_FALSE);
+    self->replaying = 0;
+    if (rc != XML_STATUS_OK || (long long)XML_GetCurrentByteIndex(self->p) != (long long)n) {
+        /* It parsed once; a second reading of the same bytes that differs would be a bug: fail
+         * closed (an exception out of feed) rather than frame with a parser in another state. */
+        PyErr_SetString(PyExc_RuntimeError, "xml framer: the stream header did not parse again");
+        return -1;
+    }
+    unsigned long line = (unsigned long)XML_GetCurrentLineNumber(self->p);
+    unsigned long column = (unsigned long)XML_GetCurrentColumnNumber(self->p);
+    self->index_delta = self->fed - (long long)n;
+    self->replay_line = line;
+    self->line_delta = self->resume_line - line;
+    self->col_delta = (long)self->resume_col - (long)column;
+    self->released = 0;
+    return 0;
+}
+
+static PyObject *Framer_release_idle(Framer *self, PyObject *noargs)
+{
+    (void)noargs;
+    if (self->p == NULL || self->state != ST_OPEN || self->depth != 1 || self->len != 0
+        || self->tok != self->fed || self->header == NULL || self->events != NULL)
+        Py_RETURN_FALSE;
+    unsigned long line = (unsigned long)XML_GetCurrentLineNumber(self->p);
+    unsigned long column = (unsigned long)XML_GetCurrentColumnNumber(self->p);
+    self->resume_line = stream_line(self, line);
+    self->resume_col = stream_column(self, line, column);
+    XML_ParserFree(self->p);
+    self->p = NULL;
+    self->released = 1;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *Framer_feed(Framer *self, PyObject *arg)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL;
-    if (self->p == NULL) {
+    if (self->p == NULL && !self->released) {
         PyErr_SetString(PyExc_RuntimeError, "Framer not initialised");
         goto done;
     }
@@ -828,6 +905,11 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
             s = PyBytes_AS_STRING(chunk);
             n = PyBytes_GET_SIZE(chunk);
         }
+        if (self->released && revive(self) < 0) {
+            Py_XDECREF(chunk);
+            Py_CLEAR(self->events);
+            goto done;
+        }
         self->fed = self->base + self->len;
         int rc = XML_STATUS_OK;
         /* pyexpat hands expat at most 1 MiB per call; so do we (XML_Parse takes an int). */
@@ -844,16 +926,17 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
         }
         if (rc != XML_STATUS_OK && !self->halted) {
             enum XML_Error code = XML_GetErrorCode(self->p);
+            unsigned long line = (unsigned long)XML_GetErrorLineNumber(self->p);
+            unsigned long column = (unsigned long)XML_GetErrorColumnNumber(self->p);
             fail_with(self, Py_BuildValue("(siLkk)", "expat", (int)code,
-                                          (long long)XML_GetErrorByteIndex(self->p),
-                                          (unsigned long)XML_GetErrorLineNumber(self->p),
-                                          (unsigned long)XML_GetErrorColumnNumber(self->p)));
+                                          (long long)XML_GetErrorByteIndex(self->p) + self->index_delta,
+                                          stream_line(self, line), stream_column(self, line, column)));
         }
         if (self->state == ST_OPEN) {
             /* After XML_Parse returns, expat's current index is the start of the token it
              * could not finish (the end of the input if there is none). */
             long long index = (long long)XML_GetCurrentByteIndex(self->p);
-            self->tok = index >= 0 ? index : self->fed;
+            self->tok = index >= 0 ? index + self->index_delta : self->fed;
         }
     }
     if (self->state == ST_OPEN)
@@ -894,6 +977,9 @@ static PyObject *Framer_get_trailing(Framer *self, void *closure)
 static PyMethodDef Framer_methods[] = {
     {"feed", (PyCFunction)Framer_feed, METH_O,
      "feed(data) -> list of events completed by `data` (any split of the stream is fine)."},
+    {"release_idle", (PyCFunction)Framer_release_idle, METH_NOARGS,
+     "release_idle() -> whether the expat parser was freed until the next feed (only between "
+     "first-level elements, with nothing buffered); events stay the same."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -284,6 +284,20 @@ class InboundSession:
     def _is_starttls(element: Element) -> bool:
         return element.name == "starttls" and element.ns == NS_TLS
 
+    @property
+    def backend_answered(self) -> bool:
+        """The backend's stream header arrived (its deadline is over)."""
+        return self._backend_header_seen
+
+    def release_idle(self) -> None:
+        """The shell read everything there was: an authenticated stream keeps no expat
+        parser state between elements (issue 13, memory per idle stream; `release_idle` in
+        proxy/xmlstream.py).  Events stay exactly the same."""
+        if self.authenticated:
+            self._peer_parser.release_idle()
+            if self._backend_parser is not None:
+                self._backend_parser.release_idle()
+
     # ------------------------------------------------------------------ inputs: peer
 
     def peer_data(self, data: bytes) -> list[Action]:

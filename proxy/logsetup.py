@@ -17,6 +17,7 @@ traceback included, passes through `redact_secrets` before it is written.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -59,8 +60,17 @@ def logfmt_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@functools.lru_cache(maxsize=256)   # the same few dozen keys on every line
 def _key(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+    return _NOT_KEY.sub("_", name) or "_"
+
+
+@functools.lru_cache(maxsize=4)     # lines come in bursts within one second
+def _second(seconds: int) -> str:
+    return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 class _StructuredFormatter(logging.Formatter):
@@ -73,8 +83,8 @@ class _StructuredFormatter(logging.Formatter):
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.timestamps:
-            when = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
-            out["ts"] = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+            seconds = int(record.created)
+            out["ts"] = f"{_second(seconds)}{int((record.created - seconds) * 1000):03d}Z"
         out["level"] = record.levelname.lower()
         out["logger"] = record.name
         out.update(_PROCESS_FIELDS)

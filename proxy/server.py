@@ -58,14 +58,27 @@ def dns_evidence(resolver, *, posh=None) -> EvidenceFor:
     The function carries `.posh`, the POSH fetcher (RFC 7711) for policies that use POSH:
     `posh`, or the one shared with everything else using `resolver`; `InboundSettings`
     picks it up."""
+    from policy.evidence_cache import EvidenceCache
     from policy.peer_evidence import gather
     from proxy.posh_fetch import shared_fetcher
 
+    # The whole evidence of a domain until its shortest TTL (policy/evidence_cache.py): a
+    # warm verdict is then only decide(), not five cached lookups in two nurseries.
+    cache = EvidenceCache()
+
     async def evidence_for(domain: str, policy) -> object:
+        key = (domain, tuple(policy.srv), tuple(policy.tlsa))
+        evidence = cache.get(key, resolver)
+        if evidence is not None:
+            await trio.lowlevel.checkpoint()
+            return evidence
         found = await gather(domain, resolver, static_srv=policy.srv, static_tlsa=policy.tlsa, inbound=True)
-        return found.for_inbound()
+        evidence = found.for_inbound()
+        cache.put(key, resolver, evidence)
+        return evidence
 
     evidence_for.posh = posh if posh is not None else shared_fetcher(resolver)  # type: ignore[attr-defined]
+    evidence_for.cache = cache  # type: ignore[attr-defined]
     return evidence_for
 
 

@@ -319,6 +319,13 @@ class PyXmlStreamParser:
         """Bytes held for an element (or header) that is not complete yet."""
         return len(self._buf)
 
+    def release_idle(self) -> bool:
+        """Free what an idle stream does not need until the next `feed`; whether anything was
+        freed.  The C framer frees its expat parser between first-level elements (and makes
+        it again from the stream header when bytes arrive); this one keeps pyexpat's.  Either
+        way the events stay exactly the same."""
+        return False
+
     # ---------------------------------------------------------------- slow input
 
     def _may_complete(self) -> bool:

@@ -133,7 +133,9 @@ def starttls(el: Element) -> bool:
     return el.is_(NS_TLS, "starttls")
 
 
-def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, **more) -> list:
+def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, release: bool = False, **more) -> list:
+    """`release`: the C framer frees its expat parser whenever it can after a chunk
+    (`release_idle`, memory per idle stream) and must still agree on every event."""
     kwargs = {"max_stanza_bytes": max_stanza_bytes, "stop_after": starttls if stop else None, **more}
     py, c = PyXmlStreamParser(**kwargs), xmlstream.CXmlStreamParser(**kwargs)
     seen = []
@@ -142,6 +144,9 @@ def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, **more) -
         got = c.feed(chunk)
         assert got == want, (i, chunk)
         assert (c.state, c.buffered, c.trailing) == (py.state, py.buffered, py.trailing), i
+        if release:
+            c.release_idle()
+            assert py.release_idle() is False
         seen += want
     return seen
 
@@ -149,8 +154,8 @@ def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, **more) -
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=stream(), cuts=st.lists(st.integers(0, 100_000), max_size=12),
        limit=st.sampled_from([48, 160, 700, 4096, xmlstream.DEFAULT_MAX_STANZA_BYTES]),
-       stop=st.booleans(), draw=st.data())
-def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, draw):
+       stop=st.booleans(), release=st.booleans(), draw=st.data())
+def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, release, draw):
     chunks = chunks_of(data, cuts)
     # The limit right at, just under or just over the size of an element (or the header,
     # or what is buffered after a chunk) of this very stream: the edges of every bound.
@@ -164,13 +169,47 @@ def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, dr
         ends = [len(e.raw) + data.find(e.raw) for e in PyXmlStreamParser().feed(data)[:1]
                 if isinstance(e, StreamOpened)] or [len(data)]
         more["max_header_bytes"] = max(1, draw.draw(st.sampled_from(ends)) + draw.draw(st.sampled_from([-1, 0, 1])))
-    both_agree(chunks, limit, stop, **more)
+    both_agree(chunks, limit, stop, release, **more)
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=stream(), stop=st.booleans())
-def test_same_events_one_byte_at_a_time(data, stop):
-    both_agree([data[i:i + 1] for i in range(len(data))], 4096, stop)
+@given(data=stream(), stop=st.booleans(), release=st.booleans())
+def test_same_events_one_byte_at_a_time(data, stop, release):
+    both_agree([data[i:i + 1] for i in range(len(data))], 4096, stop, release)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.sampled_from(HEADERS), items=st.lists(st.sampled_from(
+    [b"<message to='b@b.example' from='a@a.example'><body>x</body></message>", b" ", b"\n", b"\r\n",
+     b"<iq\nto='x'/>", b"<db:result from='a' to='b'>k</db:result>\n\n"] + HOSTILE), max_size=8))
+def test_released_between_every_element_same_events(header, items):
+    """One element per read, the parser released after each: the replayed header must leave
+    expat exactly as it was (namespaces, offsets, lines and columns of later errors)."""
+    both_agree([header, *items], 4096, False, release=True)
+
+
+def test_release_frees_the_parser_and_only_between_elements():
+    import tracemalloc
+
+    header = HEADERS[0]
+    tracemalloc.start()   # expat allocates through Python's allocator in the C framer
+    try:
+        c = xmlstream.CXmlStreamParser()
+        assert c.release_idle() is False                      # no header yet
+        c.feed(header[:10])
+        assert c.release_idle() is False
+        c.feed(header[10:] + b"<message to='b' from='a'><body>")
+        assert c.release_idle() is False                      # inside an element
+        c.feed(b"</body></message>")
+        before = tracemalloc.get_traced_memory()[0]
+        assert c.release_idle() is True
+        freed = before - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert c.release_idle() is False                      # released already
+    (el,) = c.feed(b"<iq to='b' from='a' type='get'/>")
+    assert el.raw == b"<iq to='b' from='a' type='get'/>" and el.attrs["type"] == "get"
+    assert freed > 4096, freed                             # expat's pools and tables
 
 
 @settings(max_examples=300, deadline=None)

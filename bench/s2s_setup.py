@@ -20,6 +20,7 @@ path by your RTT for a real network.
 
     python3 bench/s2s_setup.py                 # 3 runs per peer/backend pair (median), ~2 min
     python3 bench/s2s_setup.py --runs 1 --peer ejabberd --backend prosody
+    python3 bench/s2s_setup.py --direction out # the backend's user writes first (outbound set-up)
 
 Needs what the tests need (nsd, unbound, prosody with lua-unbound, ejabberd, erlc).  Not part of
 the test run (pytest collects only tests/).
@@ -172,7 +173,8 @@ def build_module(out: Path) -> Path:
     return out
 
 
-def one_run(dns_env, work: Path, ca: TestCA, ca_file: Path, ebin: Path, peer_kind: str, backend_kind: str) -> dict:
+def one_run(dns_env, work: Path, ca: TestCA, ca_file: Path, ebin: Path, peer_kind: str, backend_kind: str,
+            direction: str = "in") -> dict:
     peer_domain = dns_env.fresh(dns_env.secure, "p")
     local = dns_env.fresh(dns_env.secure, "b")
     peer_cert, local_cert = ca.issue([peer_domain]), ca.issue([local])
@@ -222,13 +224,14 @@ def one_run(dns_env, work: Path, ca: TestCA, ca_file: Path, ebin: Path, peer_kin
         for relay in (peer_relay, backend_relay, front_relay, outbound_relay):
             relay.reset()   # readiness probes of the servers' ports are not part of the cost
 
-        began, seconds = trio.run(_first_message, peer.account(f"{USER}@{peer_domain}", PASSWORD),
-                           backend.account(f"{USER}@{local}", PASSWORD), "first message")
+        peer_user, backend_user = peer.account(f"{USER}@{peer_domain}", PASSWORD), backend.account(f"{USER}@{local}", PASSWORD)
+        sender, recipient = (peer_user, backend_user) if direction == "in" else (backend_user, peer_user)
+        began, seconds = trio.run(_first_message, sender, recipient, "first message")
         decisions = proxy.decisions()
         hops = {"peer->proxy inbound": front_relay.snapshot(), "proxy->backend": backend_relay.snapshot(),
                 "backend->proxy outbound": outbound_relay.snapshot(), "proxy outbound->peer": peer_relay.snapshot()}
         return {
-            "peer": peer_kind, "backend": backend_kind, "seconds": seconds,
+            "peer": peer_kind, "backend": backend_kind, "direction": direction, "seconds": seconds,
             "connections": {k: len(v) for k, v in hops.items()},
             "round_trips": {k: [c.round_trips() for c in v] for k, v in hops.items()},
             "bytes": {k: [c.bytes() for c in v] for k, v in hops.items()},
@@ -245,6 +248,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peer", choices=["prosody", "ejabberd"], action="append")
     parser.add_argument("--backend", choices=["prosody", "ejabberd"], action="append")
+    parser.add_argument("--direction", choices=["in", "out"], default="in",
+                        help="in: the peer's user writes first (default); out: the backend's user does")
     parser.add_argument("--json", action="store_true", help="every run as JSON on stdout")
     args = parser.parse_args()
     pairs = [(p, b) for p in (args.peer or ["prosody", "ejabberd"]) for b in (args.backend or ["prosody", "ejabberd"])]
@@ -256,7 +261,7 @@ def main() -> None:
         for peer_kind, backend_kind in pairs:
             for i in range(args.runs):
                 work = Path(tmp) / f"{peer_kind}-{backend_kind}-{i}"
-                result = one_run(dns_env, work, ca, ca_file, ebin, peer_kind, backend_kind)
+                result = one_run(dns_env, work, ca, ca_file, ebin, peer_kind, backend_kind, args.direction)
                 print(json.dumps(result), file=sys.stderr)
                 results.append(result)
     if args.json:

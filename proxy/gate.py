@@ -3,8 +3,10 @@ may reach the backend in each stream state, and what anything else gets.
 
 Pure data and one lookup, no I/O: `proxy.inbound_session.InboundSession` (every inbound listener:
 STARTTLS, Direct TLS, WebSocket -- the WebSocket framing turns messages into the same byte
-stream) and `proxy.outbound.OutboundSession` (what a peer sends back on a stream the proxy
-opened) ask `admit(stage, ns, name)` for every element and act on the answer.
+stream), `proxy.outbound_session.OutboundSession` (what the backend sends on the outbound
+stream the proxy answers itself) and `proxy.outbound_auth.PeerAuthentication` (what a peer
+sends back on a stream the proxy opened) ask `admit(stage, ns, name)` for every element and
+act on the answer.
 
 Elements are keyed by their expanded name (namespace URI, local name) as a namespace-aware
 parser reads them -- which is how the backend reads them too (Prosody and ejabberd parse with

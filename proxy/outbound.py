@@ -131,8 +131,11 @@ class OutboundProxy:
 
     def reload(self, config: Config) -> None:
         """New policies, trust store and certificates; keeps the resolver (and its cache)."""
-        self.context = OutboundContext.from_config(config, resolver=self.context.resolver,
-                                                   metrics=self.context.metrics)
+        old = self.context
+        self.context = OutboundContext.from_config(config, resolver=old.resolver, metrics=old.metrics)
+        # One dialback secret for the process lifetime: keys minted before the reload (by
+        # either direction) are still recognised after it.
+        self.context.dialback_keys = old.dialback_keys
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         await self.handle(stream)
@@ -255,9 +258,9 @@ class _Run:
             self._nursery = nursery
             nursery.start_soon(self._backend_side)
             nursery.start_soon(self._deadlines)
-        if self.session.outcome not in (None, "ok", "closed-early") and self.peer is None:
+        if self.session.outcome not in (None, "ok", "closed-early", "system-shutdown") and self.peer is None:
             log_event(log, logging.INFO, "refused", direction="outbound", backend=self.backend_addr,
-                      outcome=self.session.outcome)
+                      outcome=self.session.outcome, reason=self.session.reason or "-")
         return self.session.outcome or "closed-early"
 
     async def _backend_side(self) -> None:
@@ -278,11 +281,7 @@ class _Run:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            out = self.session.tick(trio.current_time())
-            if out.to_backend.find(b"<connection-timeout ") >= 0:
-                log_event(log, logging.INFO, "refused", direction="outbound", backend=self.backend_addr,
-                          outcome="connection-timeout", reason=_error_text(out.to_backend))
-            await self._perform(out)
+            await self._perform(self.session.tick(trio.current_time()))
 
     async def _close_after_timeout(self) -> None:
         # RFC 6120 §4.4: the side that closed waits a while for the other's close.
@@ -394,13 +393,6 @@ class _Run:
         log_decision("outbound", peer, opening.peer_domain, verdict.log_fields(), **extra)
         if self.ctx.metrics is not None:
             self.ctx.metrics.verdict("outbound", verdict)
-
-
-def _error_text(data: bytes) -> str:
-    start, end = data.find(b"<text"), data.find(b"</text>")
-    if start < 0 or end < 0:
-        return "-"
-    return data[data.find(b">", start) + 1:end].decode("utf-8", "replace")
 
 
 async def open_outbound_listeners(addresses: list[str]) -> list[trio.SocketListener]:

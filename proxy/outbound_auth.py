@@ -260,7 +260,10 @@ class PeerAuthentication:
             return self._refuse(event, rule)
         if event.is_(NS_STREAMS, "error"):
             self.state = "ended"
-            return b"", [PeerBroken(f"the peer {self.peer} ended the stream: {describe_stream_error(event)}")]
+            why = f"the peer {self.peer} ended the stream: {describe_stream_error(event)}"
+            if self._external_note and self.stream_from not in self.authenticated:
+                why += f" (after {self._external_note})"
+            return b"", [PeerBroken(why)]
         if rule is Passage.FEATURES:
             if self.state != "features":
                 return self._refuse(event, Refusal("unsupported-stanza-type", "came a second time on one stream"))

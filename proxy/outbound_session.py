@@ -144,6 +144,7 @@ class OutboundSession:
         self._backend_close_sent = False      # our stream to the backend is ended
         self._peer_close_sent = False         # our stream to the peer is ended
         self.outcome: str | None = None
+        self.reason = ""                      # the text of the last stream error we sent the backend
         self._started = clock()
         self._asked_anything = False
         self._backend = XmlStreamParser(max_stanza_bytes=max_stanza_bytes)
@@ -525,6 +526,7 @@ class OutboundSession:
         self._finish(out, condition)
 
     def _to_backend_error(self, out: Output, condition: str, text: str) -> None:
+        self.reason = text
         if not self._backend_close_sent:
             out.to_backend += self._backend_error(condition, text)
             self._backend_close_sent = True

@@ -165,6 +165,7 @@ class ProxyServer:
         self.settings = settings or inbound_settings(config, evidence_for=evidence_for, resolver=resolver,
                                                      policies=policies, trust=trust, metrics=metrics)
         self.outbound_handler = outbound_handler
+        self._share_dialback_keys()
         self.connections: set[InboundConnection] = set()
         self.active = 0
         self._idle = trio.Event()   # set whenever the last connection ends
@@ -179,9 +180,18 @@ class ProxyServer:
         re-bound (that needs a restart)."""
         self.settings = inbound_settings(config, evidence_for=self._evidence_for, resolver=self.resolver,
                                          metrics=self.metrics)
+        self._share_dialback_keys()
         self.config = config
         _log(logging.INFO, "reloaded", domains=len(config.domains),
              policy_files=getattr(self.settings.policies, "files", "-"))
+
+    def _share_dialback_keys(self) -> None:
+        # DESIGN §3.3: one secret for both directions -- a key the inbound side mints is
+        # answered by the outbound side, and one the outbound side sends a peer is recognised
+        # when the peer checks it through the inbound side (proxy.runner does the same).
+        keys = getattr(getattr(self.outbound_handler, "context", None), "dialback_keys", None)
+        if keys is not None:
+            self.settings.dialback_keys = keys
 
     async def serve(self, *, inbound_listeners: Sequence[trio.SocketListener] | None = None,
                     outbound_listeners: Sequence[trio.SocketListener] | None = None,

@@ -16,6 +16,7 @@ test_outbound_prosody.py.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import logging
@@ -42,6 +43,7 @@ from xmppclient import NS_DIALBACK, NS_SERVER, XmppError, XmppStream, stream_hea
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 LOCAL = "home.example"          # the backend's domain (no DNS needed: the proxy dials out)
 TIMEOUT = 10.0
 
@@ -75,13 +77,21 @@ class StandInPeer:
     own header and features (offering STARTTLS again and bidi, to see them stripped), answers
     `<db:result>` with type='valid', echoes nothing else, and closes when the stream closes.
     Every connection is recorded in `connections`.
+
+    `verify_key(from, key, stream id)`: judge a dialback key as the authoritative server of
+    `from` would (valid only if it says so).  `external`: offer SASL EXTERNAL and answer
+    `<auth/>` with "success" (then the stream restarts, RFC 6120 §6.4.6) or "failure".
     """
 
     def __init__(self, domain: str, issued, tmp: Path, *, direct_tls: bool = False,
-                 offer_starttls: bool = True, max_tls: int | None = None, address: str | None = None) -> None:
+                 offer_starttls: bool = True, max_tls: int | None = None, address: str | None = None,
+                 verify_key=None, external: str | None = None) -> None:
         self.domain = domain
         self.direct_tls = direct_tls
         self.offer_starttls = offer_starttls
+        self.verify_key = verify_key
+        self.external = external
+        self.auths: list[bytes] = []
         self.address = address or fresh_loopback()
         name = f"peer-{self.address}"
         cert, key = issued.write(tmp, name)
@@ -132,26 +142,45 @@ class StandInPeer:
         rec.handshake_done = True
         rec.sni, rec.alpn = tls.server_name, tls.alpn
         rec.client_chain = tls.peer_chain()
-        parser = XmlStreamParser()
+        def restarts(el) -> bool:
+            return el.is_(NS_SASL, "auth") and self.external == "success"
+
+        parser = XmlStreamParser(stop_after=restarts)
+        streams = 0
         while True:
             data = await tls.receive_some(65536)
             if not data:
                 return
             rec.post_tls += data
-            for event in parser.feed(data):
+            events = parser.feed(data)
+            if parser.state == "stopped":   # after <auth/>: the next header is a new stream
+                trailing = parser.trailing
+                parser = XmlStreamParser(stop_after=restarts)
+                if trailing:
+                    events += parser.feed(trailing)
+            for event in events:
                 raw = getattr(event, "raw", None)
                 if raw is not None and raw.startswith(b"<stream:stream"):
+                    streams += 1
+                    mechanisms = (f"<mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms>"
+                                  if self.external and streams == 1 else "")
                     await tls.send_all(
-                        stream_header(ns=NS_SERVER, dialback=True, from_=self.domain, id="peer-stream-1")
-                        + f"<stream:features><starttls xmlns='{NS_TLS}'/>"
+                        stream_header(ns=NS_SERVER, dialback=True, from_=self.domain, id=f"peer-stream-{streams}")
+                        + f"<stream:features><starttls xmlns='{NS_TLS}'/>{mechanisms}"
                           f"<bidi xmlns='urn:xmpp:features:bidi'/>"
                           f"<dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback>"
                           f"</stream:features>".encode())
                 elif isinstance(event, Element):
                     self.received_stanzas.append(event)
-                    if event.is_(NS_DIALBACK, "result"):
-                        await tls.send_all(
-                            f"<db:result from='{self.domain}' to='{event.attrs.get('from')}' type='valid'/>".encode())
+                    if event.is_(NS_SASL, "auth"):
+                        self.auths.append(event.raw)
+                        await tls.send_all(f"<{self.external} xmlns='{NS_SASL}'/>".encode())
+                    elif event.is_(NS_DIALBACK, "result"):
+                        frm = event.attrs.get("from")
+                        ok = self.verify_key is None or self.verify_key(frm, element_text(event),
+                                                                        f"peer-stream-{streams}")
+                        await tls.send_all(f"<db:result from='{self.domain}' to='{frm}' "
+                                           f"type='{'valid' if ok else 'invalid'}'/>".encode())
                 elif type(event).__name__ == "StreamClosed":
                     await tls.send_all(b"</stream:stream>")
                     await tls.aclose()
@@ -425,6 +454,75 @@ def test_direct_tls_peer_gets_alpn_and_sni_and_dane_ta(dns_env, tmp_path):
     assert rec.pre_tls == b"" and rec.sni == domain and rec.alpn == "xmpp-server"
     assert rec.post_tls.startswith(b"<?xml") and b"k3y" not in rec.post_tls
     assert "verdict=accept prooftype=dane-ta" in lines[0] and "mode=direct-tls" in lines[0]
+
+
+@pytest.mark.parametrize("external", ["success", "failure"])
+def test_peer_offering_external_gets_it_with_the_local_certificate(dns_env, tmp_path, external):
+    # DESIGN §3.3: EXTERNAL for the stream's `from` (the certificate the proxy presented);
+    # success restarts the stream, failure falls back to the proxy's own dialback key.
+    domain = dns_env.fresh(dns_env.secure, "ext")
+    peer = StandInPeer(domain, issue_peer(domain), tmp_path, external=external)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.serve)
+            _publish(dns_env, peer, "3 1 1")
+            async with proxy_running(make_context(dns_env, tmp_path)) as (_, port):
+                await _deliver_through(port, peer, [])
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    (rec,) = peer.connections
+    (auth,) = peer.auths
+    assert b"mechanism='EXTERNAL'" in auth and base64.b64encode(LOCAL.encode()) in auth
+    dialback = [e for e in peer.received_stanzas if e.is_(NS_DIALBACK, "result")]
+    if external == "success":
+        assert rec.post_tls.count(b"<stream:stream") == 2 and dialback == []
+    else:
+        assert rec.post_tls.count(b"<stream:stream") == 1 and len(dialback) == 1
+    assert b"k3y" not in rec.post_tls and b"over the proxy" in rec.post_tls
+
+
+@pytest.mark.parametrize("keys_of", ["this-proxy", "another-proxy"])
+def test_dialback_fallback_key_is_the_one_the_proxys_inbound_side_recognises(dns_env, tmp_path, keys_of):
+    """The peer checks the proxy's dialback key as L's authoritative server would -- the
+    proxy's inbound side, with the proxy's DialbackKeys (XEP-0185: receiving = D, originating =
+    L, D's stream id).  A key checked against another secret is refused: the backend gets
+    `not-authorized` with the peer's answer, and its stanza never reaches the peer."""
+    from proxy.dialback_keys import DialbackKeys
+
+    domain = dns_env.fresh(dns_env.secure, "dbk")
+    context = make_context(dns_env, tmp_path)
+    authority = context.dialback_keys if keys_of == "this-proxy" else DialbackKeys()
+    peer = StandInPeer(domain, issue_peer(domain), tmp_path, verify_key=lambda frm, key, stream_id: authority.is_ours(
+        receiving=domain, originating=frm, stream_id=stream_id, key=key))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.serve)
+            _publish(dns_env, peer, "3 1 1")
+            async with proxy_running(context) as (_, port):
+                if keys_of == "this-proxy":
+                    await _deliver_through(port, peer, [])
+                    text = None
+                else:
+                    xs = await backend_stream(port, domain)
+                    await ask_for_peer(xs, domain)
+                    text = await expect_stream_error(xs, "not-authorized", header=False)
+                    await xs.aclose()
+                with trio.fail_after(TIMEOUT):
+                    await peer.connections[0].ended.wait()
+            nursery.cancel_scope.cancel()
+        return text
+
+    text = trio.run(main)
+    (rec,) = peer.connections
+    if keys_of == "this-proxy":
+        assert b"over the proxy" in rec.post_tls
+    else:
+        assert f"{domain} answered &lt;db:result type='invalid'&gt; for {LOCAL}" in text or \
+            f"{domain} answered <db:result type='invalid'> for {LOCAL}" in text, text
+        assert rec.post_tls.endswith(b"</stream:stream>") and b"<message" not in rec.post_tls
 
 
 @pytest.mark.parametrize("case", ["mismatch", "bogus-tlsa", "block", "tls-too-old"])

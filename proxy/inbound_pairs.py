@@ -345,6 +345,7 @@ class DomainPairs:
                 self._undeliverable(el)
             else:
                 self._out.append(SendToBackend(el.raw))
+                self._route(el.name, sender, target)
             return
         if self.authenticated:
             have = ", ".join(f"{a}->{b}" for a, b in sorted(self.authenticated))

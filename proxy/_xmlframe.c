@@ -82,6 +82,12 @@ typedef struct {
     long col_delta;
     int replaying;             /* handlers ignore the header's replay */
     int released;              /* the parser is freed until the next bytes */
+    /* Authorised stanzas (the `routes` attribute, see feed_routes below): the open stanza
+     * passes (el_pass), and the run of passed stanzas not yet handed out as one bytes event
+     * is [run_start, run_end) of the stream (run_start -1: none). */
+    PyObject *routes;
+    int el_pass;
+    long long run_start, run_end;
     unsigned long resume_line, resume_col;   /* while released: where the stream stood */
 } Framer;
 
@@ -100,13 +106,32 @@ static void py_fail(Framer *self)
     halt(self);
 }
 
+static PyObject *buf_slice(Framer *self, long long start, long long end);
+
+/* The run of passed stanzas becomes one bytes event (before any other event, and before the
+ * buffer it lies in changes). */
+static int flush_run(Framer *self)
+{
+    if (self->run_start < 0)
+        return 0;
+    PyObject *data = buf_slice(self, self->run_start, self->run_end);
+    self->run_start = -1;
+    if (data == NULL || self->events == NULL || PyList_Append(self->events, data) < 0) {
+        Py_XDECREF(data);
+        py_fail(self);
+        return -1;
+    }
+    Py_DECREF(data);
+    return 0;
+}
+
 static void append_event(Framer *self, PyObject *event)
 {
     if (event == NULL) {
         py_fail(self);
         return;
     }
-    if (PyList_Append(self->events, event) < 0)
+    if (flush_run(self) < 0 || PyList_Append(self->events, event) < 0)
         py_fail(self);
     Py_DECREF(event);
 }
@@ -421,6 +446,40 @@ static void open_stream(Framer *self, const XML_Char *qname, const XML_Char **at
     Py_XDECREF(namespaces);
 }
 
+/* The domainpart of a JID as written (policy.domain_reading.domainpart): cut at the first
+ * '/', then what follows the first '@' if any.  Byte-wise on UTF-8 is the same as on the
+ * text: '/' and '@' are ASCII, and no other character's bytes contain them. */
+static PyObject *domainpart(const char *jid)
+{
+    size_t n = strcspn(jid, "/");
+    const char *at = memchr(jid, '@', n);
+    const char *d = at ? at + 1 : jid;
+    return PyUnicode_DecodeUTF8(d, (Py_ssize_t)(n - (size_t)(d - jid)), "strict");
+}
+
+/* Whether the stanza starting here is in `routes`: its local name and the domainparts of its
+ * own (unqualified) 'from' and 'to' -- all the inbound session reads of a stanza to pass it
+ * (proxy/inbound_session.py _on_stanza).  1 yes, 0 no, -1 Python error. */
+static int stanza_passes(Framer *self, const XML_Char *qname, const XML_Char **atts)
+{
+    const char *from = NULL, *to = NULL;
+    for (int i = 0; atts[i] != NULL; i += 2) {
+        if (strcmp(atts[i], "from") == 0)
+            from = atts[i + 1];
+        else if (strcmp(atts[i], "to") == 0)
+            to = atts[i + 1];
+    }
+    if (from == NULL || to == NULL)
+        return 0;
+    const char *local = strrchr(qname, ' ');
+    PyObject *key = Py_BuildValue("(sNN)", local ? local + 1 : qname, domainpart(from), domainpart(to));
+    if (key == NULL)
+        return -1;
+    int found = PyDict_Contains(self->routes, key);
+    Py_DECREF(key);
+    return found;
+}
+
 static void h_start(void *ud, const XML_Char *qname, const XML_Char **atts)
 {
     Framer *self = ud;
@@ -441,6 +500,18 @@ static void h_start(void *ud, const XML_Char *qname, const XML_Char **atts)
         Py_CLEAR(self->el_name);
         Py_CLEAR(self->el_attrs);
         tree_clear(self);
+        self->el_pass = 0;
+        if (self->flat && self->routes != NULL) {
+            int pass = stanza_passes(self, qname, atts);
+            if (pass < 0) {
+                py_fail(self);
+                return;
+            }
+            if (pass) {
+                self->el_pass = 1;   /* nothing of it is built: it leaves as bytes */
+                return;
+            }
+        }
         if (split_qname(qname, &self->el_ns, &self->el_name) < 0
             || (self->el_attrs = attr_dict(atts)) == NULL
             || (!self->flat && (self->tree[0].children = PyList_New(0)) == NULL))
@@ -502,6 +573,21 @@ static void h_end(void *ud, const XML_Char *qname)
     if (end - start > self->max_stanza_bytes) {
         fail_with(self, Py_BuildValue("(sLni)", "too-big", end - start, self->max_stanza_bytes, 0));
         halt(self);
+        return;
+    }
+    if (self->el_pass) {
+        /* Adjacent passed stanzas (no byte between them) leave as one buffer. */
+        self->el_pass = 0;
+        if (self->run_start >= 0 && self->run_end == start) {
+            self->run_end = end;
+        } else {
+            if (flush_run(self) < 0)
+                return;
+            self->run_start = start;
+            self->run_end = end;
+        }
+        self->el_start = -1;
+        self->consumed = end;
         return;
     }
     PyObject *raw = buf_slice(self, start, end);
@@ -597,6 +683,7 @@ static int Framer_init(Framer *self, PyObject *args, PyObject *kwds)
         self->stop_after = stop_after;
     }
     self->el_start = -1;
+    self->run_start = -1;
     self->pending_ns = PyDict_New();
     self->trailing = PyBytes_FromStringAndSize("", 0);
     if (self->pending_ns == NULL || self->trailing == NULL)
@@ -611,6 +698,7 @@ static void Framer_dealloc(Framer *self)
         XML_ParserFree(self->p);
     PyMem_Free(self->buf);
     Py_CLEAR(self->header);
+    Py_CLEAR(self->routes);
     Py_CLEAR(self->stop_after);
     Py_CLEAR(self->events);
     Py_CLEAR(self->pending_ns);
@@ -629,12 +717,14 @@ static int Framer_traverse(Framer *self, visitproc visit, void *arg)
     Py_VISIT(self->stop_after);
     Py_VISIT(self->events);
     Py_VISIT(self->pending_ns);
+    Py_VISIT(self->routes);
     Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
 static int Framer_clear(Framer *self)
 {
+    Py_CLEAR(self->routes);
     Py_CLEAR(self->stop_after);
     Py_CLEAR(self->events);
     Py_CLEAR(self->pending_ns);
@@ -920,7 +1010,10 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
             n -= part;
         }
         Py_XDECREF(chunk);
+        if (!self->py_error)
+            flush_run(self);
         if (self->py_error) {
+            self->run_start = -1;
             Py_CLEAR(self->events);
             goto done;
         }
@@ -974,6 +1067,27 @@ static PyObject *Framer_get_trailing(Framer *self, void *closure)
     return self->trailing;
 }
 
+static PyObject *Framer_get_routes(Framer *self, void *closure)
+{
+    (void)closure;
+    PyObject *r = self->routes ? self->routes : Py_None;
+    Py_INCREF(r);
+    return r;
+}
+
+static int Framer_set_routes(Framer *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value != NULL && value != Py_None && !PyDict_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
+        return -1;
+    }
+    PyObject *r = (value == NULL || value == Py_None) ? NULL : value;
+    Py_XINCREF(r);
+    Py_XSETREF(self->routes, r);
+    return 0;
+}
+
 static PyMethodDef Framer_methods[] = {
     {"feed", (PyCFunction)Framer_feed, METH_O,
      "feed(data) -> list of events completed by `data` (any split of the stream is fine)."},
@@ -987,6 +1101,8 @@ static PyGetSetDef Framer_getset[] = {
     {"state", (getter)Framer_get_state, NULL, "open, stopped, closed or failed", NULL},
     {"buffered", (getter)Framer_get_buffered, NULL, "bytes held for an incomplete element", NULL},
     {"trailing", (getter)Framer_get_trailing, NULL, "bytes after a stop_after element", NULL},
+    {"routes", (getter)Framer_get_routes, (setter)Framer_set_routes,
+     "dict of (stanza name, from domainpart, to domainpart) whose stanzas leave as bytes, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -87,6 +87,9 @@ MAX_DIALBACK_REJECTIONS = 10
 # Elements from the backend are trusted to be sane; the bound only caps memory.  1 MiB is
 # above Prosody's s2s default of 512 KiB, so nothing the backend legitimately sends is cut.
 BACKEND_MAX_ELEMENT_BYTES = 1 << 20
+# Routes of the fast path (`_route`): a stream carries a handful of domain pairs; 64 spellings
+# of them are plenty, and bound what a peer can make us keep.
+_MAX_ROUTES = 64
 
 
 # ================================================================================ actions
@@ -632,7 +635,9 @@ class InboundSession:
     def _drain(self) -> list[Action]:
         while self._queue and self._waiting is None and not self.closed:
             event = self._queue.popleft()
-            if isinstance(event, XmlError):
+            if type(event) is bytes:
+                self._on_passed(event)
+            elif isinstance(event, XmlError):
                 self._end_backend_stream()
                 self._error(event.condition, event.text)
             elif isinstance(event, StreamOpened):
@@ -861,6 +866,7 @@ class InboundSession:
                 self._undeliverable(el)
             else:
                 self._out.append(SendToBackend(el.raw))
+                self._route(el.name, sender, target)
             return
         if self.authenticated:
             have = ", ".join(f"{a}->{b}" for a, b in sorted(self.authenticated))
@@ -869,6 +875,29 @@ class InboundSession:
             why = f"{_describe(el)} from {pair[0]} to {pair[1]} before any domain was authenticated"
         self._end_backend_stream()
         self._error("invalid-from", why)
+
+    def _route(self, name: str, sender: str, target: str) -> None:
+        """A stanza just passed: from now on the framer hands over stanzas with the same
+        name and the same domainparts as written (all `_on_stanza` reads: `jid_domain` is a
+        function of the domainpart) as bytes, and a read of them is forwarded as one buffer
+        (`_on_passed`; issue 13).  Authenticated pairs are never withdrawn on a stream, so a
+        route stays right; bounded, as peers may spell a domain in many ways."""
+        routes = self._peer_parser.routes
+        if routes is None:
+            routes = self._peer_parser.routes = {}
+        if len(routes) < _MAX_ROUTES:
+            routes[(name, domainpart(sender), domainpart(target))] = True
+
+    def _on_passed(self, data: bytes) -> None:
+        """Stanzas the framer matched against the routes: what `_on_stanza` would do with
+        each, done once.  If the backend is gone they are handled one by one (each answered
+        as undeliverable)."""
+        if not self._backend_lost and self.state in ("relay", "draining", "backend-done"):
+            self._out.append(SendToBackend(data))
+            return
+        assert self._peer_header is not None
+        for el in elements_in(data, self._peer_header.raw, self.max_stanza_bytes):
+            self._on_element(el)
 
     # ------------------------------------------------------------------ backend events
 

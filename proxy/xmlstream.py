@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from xml.parsers import expat
 
+from policy.domain_reading import domainpart
 from proxy.streamerrors import CONDITIONS
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
@@ -188,7 +189,7 @@ class XmlError:
     text: str
 
 
-Event = StreamOpened | Element | StreamClosed | XmlError
+Event = StreamOpened | Element | StreamClosed | XmlError | bytes   # bytes: passed stanzas (`routes`)
 
 
 class _Halt(Exception):
@@ -272,6 +273,11 @@ class PyXmlStreamParser:
         self._events: list[Event] = []
         self._state = "open"    # open | stopped | closed | failed
         self.trailing = b""
+        # Authorised stanzas leave as bytes (see `routes`); the run of passed stanzas not yet
+        # handed out, as absolute [start, end), and whether the open one passes.
+        self.routes: dict | None = None
+        self._run: list[int] | None = None
+        self._pass = False
         # Slow input, linear cost (see `_may_complete`): how far expat has been fed, where
         # its unfinished token starts (== _fed when there is none), and the quote-aware scan
         # of an unfinished start tag (token start, scanned up to, open quote or 0).
@@ -306,6 +312,7 @@ class PyXmlStreamParser:
             # After Parse returns, expat's current index is the start of the token it could
             # not finish (the end of the input if there is none): it re-scans that token
             # from its start on the next Parse.
+            self._flush_run()
             if self._state == "open":
                 index = self._p.CurrentByteIndex
                 self._tok = index if index >= 0 else self._fed
@@ -318,6 +325,15 @@ class PyXmlStreamParser:
     def buffered(self) -> int:
         """Bytes held for an element (or header) that is not complete yet."""
         return len(self._buf)
+
+    # `routes` (both framers): None, or a dict whose keys are (stanza name, domainpart of
+    # 'from', domainpart of 'to') as written (`policy.domain_reading.domainpart`).  A
+    # jabber:server message/presence/iq whose own unqualified 'from' and 'to' give a key in it
+    # is not made into an `Element`: its bytes are an event of type `bytes`, together with
+    # the passed stanzas right before it when no byte lies between them.  Decided when the
+    # stanza's start tag is read.  The inbound session fills it with the pairs it has already
+    # passed a stanza for (all it reads of a stanza is exactly that), so a read of stanzas
+    # is forwarded as one buffer (issue 13).
 
     def release_idle(self) -> bool:
         """Free what an idle stream does not need until the next `feed`; whether anything was
@@ -415,6 +431,7 @@ class PyXmlStreamParser:
             # Stanzas are routed by their own from/to alone; building their children would
             # be half the framing cost of a small message (bench/parts.py).
             self._flat = ns == NS_SERVER and name in _FLAT_STANZAS
+            self._pass = self._flat and self.routes is not None and self._passes(name, attrs)
         elif depth <= _TREE_DEPTH and not self._flat:
             if self._pending_ns:
                 self._pending_ns.clear()
@@ -428,7 +445,7 @@ class PyXmlStreamParser:
         self._depth = depth
         if depth == 0:
             self._state = "closed"
-            self._events.append(StreamClosed())
+            self._emit(StreamClosed())
             raise _Halt
         if depth > _TREE_DEPTH or (depth >= 2 and self._flat):
             return
@@ -449,11 +466,22 @@ class PyXmlStreamParser:
         if end - start > self.max_stanza_bytes:
             self._too_big(end - start)
             raise _Halt
+        if self._pass:
+            # Adjacent passed stanzas (no byte between them) leave as one buffer.
+            self._pass = False
+            if self._run is not None and self._run[1] == start:
+                self._run[1] = end
+            else:
+                self._flush_run()
+                self._run = [start, end]
+            self._el_start = -1
+            self._consumed = end
+            return
         raw = bytes(self._buf[start - self._base:end - self._base])
         element = Element(b.ns, b.name, b.attrs, tuple(b.children), None, raw)
         self._el_start = -1
         self._consumed = end
-        self._events.append(element)
+        self._emit(element)
         if self._stop_after is not None and self._stop_after(element):
             self._state = "stopped"
             self.trailing = bytes(self._buf[end - self._base:])
@@ -475,7 +503,25 @@ class PyXmlStreamParser:
             self._header_too_big(end)
             raise _Halt
         self._consumed = end
-        self._events.append(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
+        self._emit(StreamOpened(_attrs(attrs), namespaces, bytes(self._buf[start - self._base:end - self._base])))
+
+    def _passes(self, name: str, attrs: dict[str, str]) -> bool:
+        sender, target = attrs.get("from"), attrs.get("to")
+        if sender is None or target is None:
+            return False
+        return (name, domainpart(sender), domainpart(target)) in self.routes  # type: ignore[operator]
+
+    def _emit(self, event: Event) -> None:
+        self._flush_run()
+        self._events.append(event)
+
+    def _flush_run(self) -> None:
+        """The run of passed stanzas becomes one bytes event (before any other event, and
+        before the buffer it lies in changes)."""
+        if self._run is not None:
+            start, end = self._run
+            self._run = None
+            self._events.append(bytes(self._buf[start - self._base:end - self._base]))
 
     def _restricted(self, *what: str) -> None:
         self._fail(*_error_text(*what))
@@ -539,7 +585,7 @@ class PyXmlStreamParser:
         if self._state in ("failed", "closed"):
             return
         self._state = "failed"
-        self._events.append(XmlError(condition, text))
+        self._emit(XmlError(condition, text))
         self._buf = bytearray()
 
 

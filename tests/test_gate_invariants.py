@@ -395,6 +395,27 @@ def test_outcome_does_not_depend_on_chunking(items, cuts, accept):
     assert chunked == whole
 
 
+@given(items=st.lists(st.one_of(stanzas(), elements), max_size=10),
+       cuts=st.lists(st.integers(0, 10_000), max_size=12),
+       accept=st.frozensets(st.sampled_from(["p.example", "xn--mnchen-3ya.p.example", "xn--strae-oqa.p.example"])))
+@settings(max_examples=200, deadline=None)
+def test_the_fast_path_forwards_exactly_what_the_slow_path_does(items, cuts, accept):
+    """Issue 13: once a stanza of a pair has passed, the framer hands over later stanzas of
+    the same pair as bytes (`routes`) and a read goes to the backend as one buffer.  With the
+    fast path off, the same input must give the same verdict requests, the same bytes to the
+    backend and the same ending."""
+    import proxy.inbound_session as session_module
+
+    fast = run_session(items + items, cuts, accept)
+    saved = session_module._MAX_ROUTES
+    session_module._MAX_ROUTES = 0
+    try:
+        slow = run_session(items + items, cuts, accept)
+    finally:
+        session_module._MAX_ROUTES = saved
+    assert fast == slow
+
+
 @pytest.mark.parametrize("name,reading", [
     ("straße.example", None), ("strasse.example", "strasse.example"), ("ς.example", None),
     ("a\u200db.example", None), ("münchen.example", "xn--mnchen-3ya.example"), ("foo_bar.example", None),

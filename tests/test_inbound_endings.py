@@ -96,6 +96,29 @@ def test_backend_lost_stanzas_come_back_as_service_unavailable():
     assert s.returned == 1 and s.undeliverable == 0
 
 
+def test_a_pairs_later_stanzas_go_as_one_buffer_and_come_back_one_by_one_once_the_backend_is_gone():
+    """Issue 13's fast path: after one stanza of a pair passed, a read of more of them is one
+    SendToBackend with exactly their bytes; a stanza of a pair not authenticated still ends
+    the stream; once the backend is lost, routed stanzas are answered one by one again."""
+    s = authenticated()
+    assert s.peer_data(message(1)) == [SendToBackend(message(1))]      # the slow path, once
+    burst = message(2) + message(3) + b"<presence from='a.example' to='b.example'/>" + message(4)
+    actions = s.peer_data(burst)
+    assert actions == [SendToBackend(burst)]
+    assert s._peer_parser.routes == {("message", "a.example", "b.example"): True,
+                                     ("presence", "a.example", "b.example"): True}
+    assert s.backend_eof("gone") == [PeerGrace(BACKEND_GONE_QUIET, BACKEND_GONE_LIMIT)]
+    replies = s.peer_data(message(5) + message(6))
+    assert [b"id='m5' type='error'" in replies[0].data, b"id='m6' type='error'" in replies[0].data] == [True, True]
+    assert to_backend(replies) == b"" and s.returned == 2
+    s2 = authenticated()
+    s2.peer_data(message(1))
+    stray = b"<message from='x@c.example' to='r@b.example'/>"
+    actions = s2.peer_data(message(2) + stray)
+    assert to_backend(actions) == message(2) + STREAM_CLOSE   # the stray one never
+    assert actions[-1].condition == "invalid-from"
+
+
 def test_a_failed_send_to_the_backend_answers_what_it_carried():
     s = authenticated()
     sent = s.peer_data(message(1) + message(2))

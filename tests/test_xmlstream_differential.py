@@ -133,11 +133,22 @@ def starttls(el: Element) -> bool:
     return el.is_(NS_TLS, "starttls")
 
 
-def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, release: bool = False, **more) -> list:
+# Routes (stanza name, from domainpart, to domainpart) for the fast path: the JIDs and names
+# the generated streams use, plus near misses (case, a trailing dot, the other direction).
+ROUTES = {(name, frm, to): True for name in ("message", "presence", "iq")
+          for frm, to in (("a.example", "b.example"), ("y", "x"), ("a.example", "x"))}
+ROUTES.update({("message", "A.example", "b.example"): True, ("iq", "b.example", "a.example."): True})
+
+
+def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, release: bool = False,
+               routes: dict | None = None, **more) -> list:
     """`release`: the C framer frees its expat parser whenever it can after a chunk
-    (`release_idle`, memory per idle stream) and must still agree on every event."""
+    (`release_idle`, memory per idle stream) and must still agree on every event.  `routes`:
+    both pass the stanzas it names as bytes (routes are only ever added to, between feeds)."""
     kwargs = {"max_stanza_bytes": max_stanza_bytes, "stop_after": starttls if stop else None, **more}
     py, c = PyXmlStreamParser(**kwargs), xmlstream.CXmlStreamParser(**kwargs)
+    if routes is not None:
+        py.routes, c.routes = dict(routes), dict(routes)
     seen = []
     for i, chunk in enumerate(chunks):
         want = py.feed(chunk)
@@ -154,8 +165,8 @@ def both_agree(chunks: list[bytes], max_stanza_bytes: int, stop: bool, release: 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=stream(), cuts=st.lists(st.integers(0, 100_000), max_size=12),
        limit=st.sampled_from([48, 160, 700, 4096, xmlstream.DEFAULT_MAX_STANZA_BYTES]),
-       stop=st.booleans(), release=st.booleans(), draw=st.data())
-def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, release, draw):
+       stop=st.booleans(), release=st.booleans(), routes=st.sampled_from([None, {}, ROUTES]), draw=st.data())
+def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, release, routes, draw):
     chunks = chunks_of(data, cuts)
     # The limit right at, just under or just over the size of an element (or the header,
     # or what is buffered after a chunk) of this very stream: the edges of every bound.
@@ -169,13 +180,48 @@ def test_same_events_for_any_stream_and_any_chunking(data, cuts, limit, stop, re
         ends = [len(e.raw) + data.find(e.raw) for e in PyXmlStreamParser().feed(data)[:1]
                 if isinstance(e, StreamOpened)] or [len(data)]
         more["max_header_bytes"] = max(1, draw.draw(st.sampled_from(ends)) + draw.draw(st.sampled_from([-1, 0, 1])))
-    both_agree(chunks, limit, stop, release, **more)
+    both_agree(chunks, limit, stop, release, routes, **more)
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=stream(), stop=st.booleans(), release=st.booleans())
-def test_same_events_one_byte_at_a_time(data, stop, release):
-    both_agree([data[i:i + 1] for i in range(len(data))], 4096, stop, release)
+@given(data=stream(), stop=st.booleans(), release=st.booleans(), routes=st.sampled_from([None, ROUTES]))
+def test_same_events_one_byte_at_a_time(data, stop, release, routes):
+    both_agree([data[i:i + 1] for i in range(len(data))], 4096, stop, release, routes)
+
+
+RELAYED = [b"<message from='u@a.example/r' to='v@b.example'><body>1</body></message>",
+           b"<presence to='b.example' from='a.example'/>",
+           b"<iq from='y' to='x' type='get' id='1'><q xmlns='urn:q'/></iq>",
+           b"<message from='u@A.example' to='b.example'/>",          # another spelling: its own route
+           b"<message from='u@a.example' to='w@c.example'/>",        # no route
+           b"<message to='b.example'/>",                              # no 'from'
+           b"<message xmlns='jabber:client' from='a.example' to='b.example'/>",
+           b"<m:message xmlns:m='jabber:server' from='a.example' to='b.example'/>",
+           b"<message x:from='a.example' xmlns:x='urn:x' to='b.example' from='c.example'/>",
+           b"<db:result from='a.example' to='b.example'>k</db:result>", b" ", b"\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(items=st.lists(st.sampled_from(RELAYED + HOSTILE[:12]), max_size=12),
+       cuts=st.lists(st.integers(0, 4000), max_size=8), release=st.booleans())
+def test_passed_stanzas_agree_and_are_exactly_the_routed_ones(items, cuts, release):
+    """The fast path: both framers pass the same stanzas, as the same merged buffers, and
+    their bytes are exactly the routed stanzas as received, in order."""
+    data = HEADERS[0] + b"".join(items)
+    events = both_agree(chunks_of(data, cuts), 4096, False, release, ROUTES)
+    plain = PyXmlStreamParser(max_stanza_bytes=4096).feed(data)
+
+    def dp(jid: str) -> str:   # the domainpart as written (RFC 7622 §3.2)
+        local, at, domain = jid.partition("/")[0].partition("@")
+        return domain if at else local
+
+    def routed(e) -> bool:
+        return (isinstance(e, Element) and e.ns == "jabber:server" and e.name in ("message", "presence", "iq")
+                and "from" in e.attrs and "to" in e.attrs and (e.name, dp(e.attrs["from"]), dp(e.attrs["to"])) in ROUTES)
+
+    if not any(isinstance(e, XmlError) for e in plain):
+        assert b"".join(e for e in events if isinstance(e, bytes)) == b"".join(e.raw for e in plain if routed(e))
+        assert [e for e in events if not isinstance(e, bytes)] == [e for e in plain if not routed(e)]
 
 
 @settings(max_examples=300, deadline=None)

@@ -124,6 +124,9 @@ def test_backend_prosody_to_peer_prosody(prosody_factory, dns_env, tmp_path, cas
         assert f"Outgoing s2s connection {local}->{domain} complete" in backend_log
         assert "Stream encrypted (TLSv1.3" in peer_log
         assert "certificate chain validation result: valid" in peer_log  # our client cert
+        # DESIGN §3.3: the proxy authenticated the backend's domain by SASL EXTERNAL with the
+        # certificate it presented; the backend's own dialback key never reached the peer.
+        assert f"Accepting SASL EXTERNAL identity from {local}" in peer_log
         assert "_xmpp-server._tcp" not in backend_log                    # no DNS by the backend
     else:
         assert outcome[0] == "bounced" and "remote-connection-failed" in outcome[1], outcome

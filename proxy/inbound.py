@@ -21,7 +21,7 @@ from proxy.dialback_keys import DialbackKeys
 from proxy.fdlimit import out_of_resources
 from proxy.inbound_session import (
     CLOSE_GRACE, Action, Authenticated, CheckDialback, Close,
-    ConnectBackend, InboundSession, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls,
+    ConnectBackend, InboundSession, Note, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls,
 )
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
@@ -140,7 +140,8 @@ class InboundConnection:
         self.started = trio.current_time()
         self.session = InboundSession(
             settings.local_domains, max_stanza_bytes=settings.max_stanza_bytes,
-            describe_backend=f"backend {settings.backend}")
+            describe_backend=f"backend {settings.backend}",
+            sasl_external=settings.sasl_external, dialback_keys=settings.dialback_keys)
         self._peer_lock = trio.Lock()
         self._backend_lock = trio.Lock()
         self._closed = trio.Event()
@@ -302,6 +303,9 @@ class InboundConnection:
                 if self.settings.idle_timeout > 0 and self._idle_scope is not None:
                     # The read already waiting started before; from now on it is bounded.
                     self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
+            elif isinstance(action, Note):
+                _log(logging.WARNING if action.warning else logging.INFO, action.event, peer=self.peer,
+                     domain=self.session.peer_domain, reason=action.reason)
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
             elif isinstance(action, PeerGrace):
@@ -418,7 +422,8 @@ class InboundConnection:
             if verdict.accepted and self.settings.reverify is not None:
                 from proxy.reverify import watch_inbound
                 self._watched.append(watch_inbound(self, action.sender, verdict))
-        await self._perform(self.session.verdict(action.sender, action.target, verdict.accepted, verdict.reason))
+        await self._perform(self.session.verdict(action.sender, action.target, verdict.accepted, verdict.reason,
+                                                 verdict.prooftype))
 
     async def _evaluate(self, domain: str):
         """The verdict for `domain` asserted by this peer; never raises (fails closed)."""

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from policy.domain_reading import DomainReadingError, read_domain
+from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
 from proxy.connect import DEFAULT_ATTEMPT_TIMEOUT, new_stream_id
 from proxy.dialback_keys import DialbackKeys
@@ -318,7 +318,12 @@ class OutboundSession:
 
     def _stanza(self, el: Element, out: Output) -> None:
         assert self.opening is not None
-        frm, to = jid_domain(el.attrs.get("from", "")), jid_domain(el.attrs.get("to", ""))
+        try:
+            # DESIGN §2.6: each address in its one reading, as the pairs were recorded.
+            frm, to = (read_domain(domainpart(el.attrs[a])) if el.attrs.get(a) else "" for a in ("from", "to"))
+        except DomainReadingError as exc:
+            self._fail_backend(out, "improper-addressing", f"<{el.name}>: {exc}")
+            return
         if to and to != self.opening.peer_domain:
             self._fail_backend(out, "policy-violation",
                                f"<{el.name}> to {to} on the stream to {self.opening.peer_domain}: only "

@@ -345,6 +345,8 @@ def test_dialback_for_another_peer_or_a_foreign_local_is_refused():
     b"<message from='x@peer.test' to='y@home.example'/>",
     b"<db:request xmlns:db='jabber:server:dialback' from='peer.test' to='home.example'/>",
     b"<db:result xmlns:db='jabber:server:dialback' from='peer.test' to='second.example' type='valid'/>",
+    b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",            # no <auth/> of ours pending
+    b"<enabled xmlns='urn:xmpp:sm:3'/>",                               # nothing enabled SM
 ])
 def test_the_peer_only_answers(stanza):
     s = session()
@@ -501,3 +503,14 @@ def test_invariants_of_a_random_backend_and_peer(items, external, sasl, result, 
             assert verify_answer == "valid"           # the proxy itself never says so
     if set(items) <= {"verify-ours", "space"}:
         assert s.peer is None                       # local answers open no connection
+
+
+def test_stanza_addresses_are_read_once_like_the_pairs():
+    s = session()
+    _connected(s, ScriptedPeer())
+    # The same domains written otherwise still belong to the accepted pair...
+    out = s.backend_data(message(frm=f"a@{LOCAL.upper()}/r@x", to=f"b@{PEER}."))
+    assert not out.close and out.to_peer.startswith(b"<message")
+    # ...a domain with two readings does not.
+    out = s.backend_data(message(frm="a@stra\u00dfe.example"))
+    assert out.close and out.outcome == "improper-addressing" and b"<message" not in out.to_peer

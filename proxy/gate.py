@@ -13,8 +13,9 @@ parser reads them -- which is how the backend reads them too (Prosody and ejabbe
 libexpat).  The namespace is the element's own, not the stream's default: a `<message>`
 declaring `xmlns='jabber:client'` or `xmlns=''` is not a `jabber:server` stanza, whatever
 the header said, and `<db:result xmlns:db='urn:other'>` is no dialback element.  Whatever is
-not listed -- other dialback-namespace elements such as `<db:request>`, SASL, bidi, unknown
-namespaces -- is refused with a stream error and never reaches the backend.
+not listed -- other dialback-namespace elements such as `<db:request>`, SASL but the `<auth/>`
+the proxy answers itself (DESIGN §3.3), bidi, unknown namespaces -- is refused with a stream
+error and never reaches the backend.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class Stage(enum.Enum):
 
     INBOUND_UNAUTHENTICATED = "inbound, no domain pair confirmed by the backend yet"
     INBOUND_AUTHENTICATED = "inbound, at least one domain pair confirmed by the backend"
+    INBOUND_SASL_PENDING = "inbound, SASL EXTERNAL succeeded, the backend has not confirmed the pair yet"
     OUTBOUND_PEER = "outbound, what the peer sends back on a stream the proxy opened"
     OUTBOUND_BACKEND = "outbound, what the backend sends on the stream the proxy answers itself"
 
@@ -44,6 +46,7 @@ class Passage(enum.Enum):
     JUDGE = "the asserted pair is judged by its policy before anything is relayed"   # <db:result>
     VERIFY = "addresses read once (DESIGN §2.6), 'to' must be ours; then relayed"  # <db:verify>
     STANZA = "'from'/'to' must be a pair the backend confirmed (DESIGN §3.1 step 5)"
+    SASL = "answered by the proxy (SASL EXTERNAL, DESIGN §3.3), never relayed"
     ANSWER = "a dialback answer only for a question the backend asked on this stream"
     FEATURES = "relayed without <starttls/> and bidi (they are the proxy's business)"
     RELAY = "relayed as is"
@@ -73,11 +76,26 @@ _BEFORE_AUTH = "before any domain was authenticated"
 # only dialback.  A stanza gets invalid-from (DESIGN §3.5: stanza from an unauthenticated
 # domain).  The peer's parting <stream:error> is swallowed: the header is all a backend sees
 # of a peer no domain was accepted for (DESIGN §3.1 step 3).
+# SASL `<auth/>` is the proxy's to answer (DESIGN §3.3): the session offers EXTERNAL, judges
+# it, and refuses it when not offered (policy-violation: RFC 6120 §6.4.6 allows one
+# authentication per stream, and nothing else of SASL is ever relayed).
+_SASL_OVER = Refusal("policy-violation", "is not passed to the backend: authentication on this stream is over "
+                                         "(RFC 6120 §6.4.6)")
 _INBOUND_UNAUTHENTICATED: dict[tuple[str, str], Passage | Refusal] = {
     (NS_DIALBACK, "result"): Passage.JUDGE,
     (NS_DIALBACK, "verify"): Passage.VERIFY,
     (NS_STREAMS, "error"): Passage.SWALLOW,
+    (NS_SASL, "auth"): Passage.SASL,
     **{(NS_SERVER, name): Refusal("invalid-from", f"{_BEFORE_AUTH} (DESIGN §3.1 step 5)") for name in _STANZAS},
+}
+# After <success/> and the restart, before the backend confirmed the pair the proxy asserted
+# for the peer: stanzas pass the STANZA check, which holds those of that pair (DESIGN §3.3).
+_INBOUND_SASL_PENDING: dict[tuple[str, str], Passage | Refusal] = {
+    (NS_DIALBACK, "result"): Passage.JUDGE,
+    (NS_DIALBACK, "verify"): Passage.VERIFY,
+    (NS_STREAMS, "error"): Passage.SWALLOW,
+    (NS_SASL, "auth"): _SASL_OVER,
+    **{(NS_SERVER, name): Passage.STANZA for name in _STANZAS},
 }
 _INBOUND_AUTHENTICATED: dict[tuple[str, str], Passage | Refusal] = {
     (NS_DIALBACK, "result"): Passage.JUDGE,
@@ -85,6 +103,7 @@ _INBOUND_AUTHENTICATED: dict[tuple[str, str], Passage | Refusal] = {
     (NS_STREAMS, "error"): Passage.RELAY,
     **{(NS_SERVER, name): Passage.STANZA for name in _STANZAS},
     **{(NS_SM, name): Passage.RELAY for name in _SM_FROM_INITIATOR},
+    (NS_SASL, "auth"): _SASL_OVER,
 }
 # A stream the proxy opened carries the backend's traffic out; the peer only answers.  No
 # stanzas: they would need bidi (XEP-0288), which the proxy withholds from both sides.
@@ -116,6 +135,7 @@ _OUTBOUND_BACKEND: dict[tuple[str, str], Passage | Refusal] = {
 GATE: Mapping[Stage, Mapping[tuple[str, str], Passage | Refusal]] = MappingProxyType({
     Stage.INBOUND_UNAUTHENTICATED: MappingProxyType(_INBOUND_UNAUTHENTICATED),
     Stage.INBOUND_AUTHENTICATED: MappingProxyType(_INBOUND_AUTHENTICATED),
+    Stage.INBOUND_SASL_PENDING: MappingProxyType(_INBOUND_SASL_PENDING),
     Stage.OUTBOUND_PEER: MappingProxyType(_OUTBOUND_PEER),
     Stage.OUTBOUND_BACKEND: MappingProxyType(_OUTBOUND_BACKEND),
 })
@@ -125,6 +145,7 @@ GATE: Mapping[Stage, Mapping[tuple[str, str], Passage | Refusal]] = MappingProxy
 OTHERWISE: Mapping[Stage, Refusal] = MappingProxyType({
     Stage.INBOUND_UNAUTHENTICATED: Refusal("not-authorized", f"is not allowed {_BEFORE_AUTH}"),
     Stage.INBOUND_AUTHENTICATED: Refusal("unsupported-stanza-type", "is not passed to the backend (not in the gate's list)"),
+    Stage.INBOUND_SASL_PENDING: Refusal("not-authorized", "is not allowed before the backend confirmed the domain"),
     Stage.OUTBOUND_PEER: Refusal("unsupported-stanza-type", "is not expected from the peer on a stream the proxy opened"),
     Stage.OUTBOUND_BACKEND: Refusal("unsupported-stanza-type",
                                     "is not passed to the peer (not in the gate's list for the outbound stream)"),

@@ -21,7 +21,7 @@ from proxy.dialback_keys import DialbackKeys
 from proxy.fdlimit import out_of_resources
 from proxy.inbound_session import (
     CLOSE_GRACE, Action, Authenticated, CheckDialback, Close,
-    ConnectBackend, InboundSession, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls,
+    ConnectBackend, InboundSession, Note, PeerDone, PeerGrace, SendToBackend, SendToPeer, StartTls,
 )
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
@@ -140,7 +140,8 @@ class InboundConnection:
         self.started = trio.current_time()
         self.session = InboundSession(
             settings.local_domains, max_stanza_bytes=settings.max_stanza_bytes,
-            describe_backend=f"backend {settings.backend}")
+            describe_backend=f"backend {settings.backend}",
+            sasl_external=settings.sasl_external, dialback_keys=settings.dialback_keys)
         self._peer_lock = trio.Lock()
         self._backend_lock = trio.Lock()
         self._closed = trio.Event()
@@ -156,6 +157,7 @@ class InboundConnection:
         self.outcome = "internal-error"
         self.verdicts: list[tuple[str, object]] = []   # (domain, Verdict) in order
         self._peer_activity = trio.Event()   # set (and replaced) whenever the peer sends bytes
+        self._grace_watching = False          # ... once _grace watches it (not per read before)
         self._watched: list[object] = []   # proxy.reverify handles of accepted domains
 
     async def run(self) -> None:
@@ -234,22 +236,25 @@ class InboundConnection:
         while self.session.reading_peer:
             try:
                 # limits.idle_timeout (0 = off) once a pair is authenticated; before that the
-                # handshake deadline around this loop bounds every read.
-                with trio.CancelScope() as wait:
-                    self._idle_scope = wait
-                    if idle > 0 and self.session.authenticated:
-                        wait.deadline = trio.current_time() + idle
+                # handshake deadline around this loop bounds every read.  Off: no scope per read.
+                if idle > 0:
+                    with trio.CancelScope() as wait:
+                        self._idle_scope = wait
+                        if self.session.authenticated:
+                            wait.deadline = trio.current_time() + idle
+                        data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
+                    if wait.cancelled_caught:
+                        await self._perform(self.session.idle_timed_out(idle))
+                        continue
+                else:
                     data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
-                if wait.cancelled_caught:
-                    await self._perform(self.session.idle_timed_out(idle))
-                    continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.peer_eof(str(exc)))
                 return
             except StreamError as exc:   # a framing transport (proxy.websocket) judged the peer
                 await self._perform(self.session.peer_error(exc.condition, exc.text))
                 continue
-            if data:
+            if data and self._grace_watching:
                 self._peer_activity.set()
                 self._peer_activity = trio.Event()
             if self.metrics is not None and data and self.session.negotiated:
@@ -298,6 +303,9 @@ class InboundConnection:
                 if self.settings.idle_timeout > 0 and self._idle_scope is not None:
                     # The read already waiting started before; from now on it is bounded.
                     self._idle_scope.deadline = trio.current_time() + self.settings.idle_timeout
+            elif isinstance(action, Note):
+                _log(logging.WARNING if action.warning else logging.INFO, action.event, peer=self.peer,
+                     domain=self.session.peer_domain, reason=action.reason)
             elif isinstance(action, PeerDone):
                 pass  # _read_peer stops: session.reading_peer is now false
             elif isinstance(action, PeerGrace):
@@ -329,6 +337,7 @@ class InboundConnection:
 
     async def _grace(self, action: PeerGrace) -> None:
         """`PeerGrace`: wait until the peer is quiet for `action.quiet` s (or `limit` is up)."""
+        self._grace_watching = True
         with trio.move_on_after(action.limit):
             if action.quiet is None:
                 await trio.sleep_forever()
@@ -413,7 +422,8 @@ class InboundConnection:
             if verdict.accepted and self.settings.reverify is not None:
                 from proxy.reverify import watch_inbound
                 self._watched.append(watch_inbound(self, action.sender, verdict))
-        await self._perform(self.session.verdict(action.sender, action.target, verdict.accepted, verdict.reason))
+        await self._perform(self.session.verdict(action.sender, action.target, verdict.accepted, verdict.reason,
+                                                 verdict.prooftype))
 
     async def _evaluate(self, domain: str):
         """The verdict for `domain` asserted by this peer; never raises (fails closed)."""

@@ -3,7 +3,9 @@
 `InboundSession` holds no sockets and never waits: the trio shell (`proxy.inbound`) feeds it
 what happened (bytes from the peer or the backend, TLS established, backend connected, a
 verdict) and performs the actions it returns, in order (`SendToPeer`, `StartTls`,
-`ConnectBackend`, `CheckDialback`, `Close`, ...), so every rule below is testable in memory.
+`ConnectBackend`, `CheckDialback`, `Close`, ... in `proxy.inbound_actions`), so every rule
+below is testable in memory.  This module is the stream's life; how domain pairs are
+authenticated and checked on it (steps 4-5, DESIGN §3.3) is `proxy.inbound_pairs`.
 
 The flow, and what the peer gets when it breaks a rule (always with a `<text>` reason):
 
@@ -13,11 +15,17 @@ The flow, and what the peer gets when it breaks a rule (always with a `<text>` r
    `<starttls/>` is a `policy-violation`.  TLS: certificate by SNI or `to`, client
    certificate requested (not required), TLS >= 1.2.
 3. After TLS the peer restarts the stream.  The backend connection is opened and that header
-   relayed; the backend's header and features go back to the peer without `<starttls/>`.
-4. Each `<db:result from=A to=B>` is judged: A's policy against the client certificate and
-   DNS evidence.  Reject -> a dialback error (XEP-0220 §2.4) or stream error `not-authorized`,
-   and the backend sees nothing of it.  Accept -> forwarded; the backend runs dialback as
-   usual.  `<db:verify>` (the peer checking a key of its own) passes ungated.
+   relayed; the backend's header and features go back to the peer without `<starttls/>`,
+   its SASL mechanisms and bidi -- plus the proxy's own SASL EXTERNAL offer when the peer
+   presented a certificate and `inbound.sasl_external` is on (DESIGN §3.3).
+4. Each `<db:result from=A to=B>` -- and an `<auth mechanism='EXTERNAL'>` asserting A -- is
+   judged: A's policy against the client certificate and DNS evidence.  Reject -> a dialback
+   error (XEP-0220 §2.4), a SASL `<failure/>` or stream error `not-authorized`, and the
+   backend sees nothing of it.  Accept -> the backend is asked to accept the pair by
+   dialback (with the proxy's own key when a certificate proved it, DESIGN §3.3); after
+   SASL `<success/>` the peer restarts its stream and its stanzas wait for the backend's
+   confirmation.  `<db:verify>` (the peer checking a key) is relayed, or answered by the
+   proxy when the key is one of its own.
 5. A stanza reaches the backend only if its (from, to) domains are a pair we accepted AND the
    backend confirmed with `<db:result type='valid'>` (`invalid-from` otherwise).
 6. Relay until either side closes, then close the other with `</stream:stream>` after
@@ -25,20 +33,24 @@ The flow, and what the peer gets when it breaks a rule (always with a `<text>` r
 """
 from __future__ import annotations
 
-import functools
 import secrets
 from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass
 
 from policy.domain_reading import DomainReadingError, domainpart, read_domain
-from policy.pkix_names import normalise_domain
 from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
-from proxy.gate import Passage, Refusal, Stage, admit, describe
+from proxy.dialback_keys import DialbackKeys
+from proxy.gate import Passage, Refusal, Stage, admit
+from proxy.inbound_actions import (
+    OUTCOMES, Action, Authenticated, CheckDialback, Close, ConnectBackend, Negotiated, PeerDone, PeerGrace,
+    Note, SendToBackend, SendToPeer, StartTls,
+)
+from proxy.inbound_auth import BACKEND_REFUSED_KEY, ExternalAuth, is_sasl_auth
+from proxy.inbound_pairs import MAX_DIALBACK_REJECTIONS, DomainPairs, clip, describe_element, jid_domain, local_reading
 from proxy.s2s_auth import NS_SASL, dialback_error
 from proxy.tls import TlsInfo
 from proxy.xmlstream import (
-    NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES, Element, Node,
+    NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES, Element,
     StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
 )
 
@@ -56,8 +68,8 @@ BACKEND_GONE_LIMIT = 5.0
 
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 # Backend stream features the peer must not see.  STARTTLS: TLS is ours, the backend's port
-# is plaintext.  SASL: on this side peers authenticate with dialback, which the proxy gates;
-# a SASL exchange would authenticate them past the gate.  Bidirectional streams (XEP-0288)
+# is plaintext.  SASL: a SASL exchange with the backend would authenticate peers past the
+# gate; the proxy offers (and judges) its own EXTERNAL instead (DESIGN §3.3).  Bidirectional streams (XEP-0288)
 # would carry the backend's outgoing traffic past the outbound verification (DESIGN §3.2).
 _WITHHELD = frozenset({(NS_TLS, "starttls"), (NS_SASL, "mechanisms"), (NS_BIDI_FEATURE, "bidi")})
 _XML_DECL = b"<?xml version='1.0'?>"
@@ -66,24 +78,12 @@ _FEATURES_STARTTLS = (
     b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
     b"</stream:features>"
 )
-# How a connection ended, for metrics (proxy/metrics.py CONNECTION_OUTCOMES): "ok" for a
-# stream relayed until one side closed it, the stream error condition we sent, or one of
-# tls-failed / closed-early / internal-error.  Conditions that have no series of their own
-# are counted under the nearest one.
-OUTCOMES = frozenset({
-    "ok", "host-unknown", "policy-violation", "not-authorized", "invalid-from", "not-well-formed",
-    "restricted-xml", "connection-timeout", "remote-connection-failed", "system-shutdown",
-    "tls-failed", "closed-early", "over-limit", "resource-constraint", "internal-error",
-})
 _OUTCOME_OF_CONDITION = {
     "bad-format": "not-well-formed", "bad-namespace-prefix": "not-well-formed",
     "invalid-namespace": "not-well-formed", "unsupported-encoding": "not-well-formed",
     "improper-addressing": "invalid-from", "internal-server-error": "remote-connection-failed",
     "unsupported-stanza-type": "policy-violation",
 }
-# Metronome closes a stream after 10 dialback failures; a peer that keeps asserting domains
-# it cannot prove is probing, and each attempt costs DNS lookups.
-MAX_DIALBACK_REJECTIONS = 10
 # Elements from the backend are trusted to be sane; the bound only caps memory.  1 MiB is
 # above Prosody's s2s default of 512 KiB, so nothing the backend legitimately sends is cut.
 BACKEND_MAX_ELEMENT_BYTES = 1 << 20
@@ -92,131 +92,9 @@ BACKEND_MAX_ELEMENT_BYTES = 1 << 20
 _MAX_ROUTES = 64
 
 
-# ================================================================================ actions
-
-@dataclass(frozen=True)
-class SendToPeer:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class SendToBackend:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StartTls:
-    """Hand the peer connection to TLS (server side).  `prefix`: bytes already read that
-    belong to the handshake.  `server_name`: the stream's `to` (None for Direct TLS)."""
-
-    server_name: str | None
-    prefix: bytes
-    direct: bool
-
-
-@dataclass(frozen=True)
-class ConnectBackend:
-    """Open the backend connection; answer with `backend_connected` or `backend_failed`."""
-
-
-@dataclass(frozen=True)
-class Negotiated:
-    """The stream is up (TLS, restarted header, backend).  Informational: the handshake
-    timeout runs on until `Authenticated` (DESIGN §3.1 Deadlines)."""
-
-
-@dataclass(frozen=True)
-class Authenticated:
-    """The backend confirmed the first domain pair (`<db:result type='valid'>`): the handshake
-    timeout ends here, `limits.idle_timeout` starts, and the connection no longer counts
-    against `limits.max_unauthenticated`."""
-
-
-@dataclass(frozen=True)
-class CheckDialback:
-    """Judge `sender`'s policy against the peer's certificate; answer with `verdict()`."""
-
-    sender: str
-    target: str
-
-
-@dataclass(frozen=True)
-class PeerDone:
-    """The peer ended its stream; stop reading it and wait for the backend to finish."""
-
-
-@dataclass(frozen=True)
-class PeerGrace:
-    """The backend's side of the stream is over; the peer may still be sending.  Call
-    `grace_over()` once the peer has sent nothing for `quiet` seconds (None: never mind) or
-    `limit` seconds have passed, whichever is first (RFC 6120 §4.4 bounds this wait)."""
-
-    quiet: float | None
-    limit: float
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close both connections (everything to send was sent by the actions before this).
-    `condition`: the stream error sent to the peer, if any; `reason`: for the log;
-    `outcome`: how the connection ended, as the metrics count it (see `OUTCOMES`)."""
-
-    reason: str
-    condition: str | None = None
-    outcome: str = "ok"
-
-
-Action = (SendToPeer | SendToBackend | StartTls | ConnectBackend | Negotiated | Authenticated | CheckDialback
-          | PeerDone | PeerGrace | Close)
-
-
-# ================================================================================ helpers
-
-# Reasons quote peer data (domains, element names); a peer must not make us log megabytes.
-_MAX_REASON_CHARS = 600
-
-
-def _domain(name: str) -> str:
-    """The one reading of `name` (DESIGN §2.6, `policy.domain_reading`): lower-case A-labels.
-    Raises `DomainReadingError` when backends could read it as another domain than we do."""
-    return read_domain(name)
-
-
-def _local_domain(name: str) -> str:
-    # Configured names come from the operator; one whose readings differ can never match a
-    # peer's (those are refused), so its UTS #46 form is as good as any.
-    try:
-        return read_domain(name)
-    except DomainReadingError:
-        return normalise_domain(name)
-
-
-def _unreadable(name: str) -> bool:
-    try:
-        _domain(name)
-        return False
-    except DomainReadingError:
-        return True
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "…"
-
-
-@functools.lru_cache(maxsize=4096)   # every stanza's from/to; few distinct JIDs per stream
-def jid_domain(jid: str) -> str:
-    """The domainpart of a JID (RFC 7622 §3.2) in its one reading: `user@Example.org/res` ->
-    `example.org`.  Raises `DomainReadingError` (DESIGN §2.6)."""
-    return read_domain(domainpart(jid))
-
-
-def _describe(element: Node) -> str:
-    return describe(element.ns, element.name)
-
-
 # ================================================================================ the protocol
 
-class InboundSession:
+class InboundSession(DomainPairs):
     """The inbound stream's protocol state, sans-IO.  See the module docstring for the rules.
 
     Inputs return the list of actions to perform, in order.  Peer events are processed one
@@ -231,8 +109,10 @@ class InboundSession:
         max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
         backend_max_element_bytes: int = BACKEND_MAX_ELEMENT_BYTES,
         describe_backend: str = "the backend",
+        sasl_external: bool = False,
+        dialback_keys: DialbackKeys | None = None,
     ) -> None:
-        self.local_domains = frozenset(_local_domain(d) for d in local_domains)
+        self.local_domains = frozenset(local_reading(d) for d in local_domains)
         self.max_stanza_bytes = max_stanza_bytes
         self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
         self.describe_backend = describe_backend
@@ -249,6 +129,19 @@ class InboundSession:
         self.rejected: dict[tuple[str, str], str] = {}    # ... and rejected, with the reason
         self.authenticated: set[tuple[str, str]] = set()  # accepted AND backend said valid
         self.rejections = 0
+        # DESIGN §3.3: with `dialback_keys` the proxy answers a peer's verification of keys its
+        # outbound side minted.  `sasl_external` says the backend's own outbound S2S goes
+        # through the proxy, which then answers the backend's checks of keys the proxy presents
+        # here: so only then are certificate-proved pairs asserted with the proxy's own keys,
+        # and SASL EXTERNAL offered to peers that presented a certificate.
+        self.keys = dialback_keys
+        self._sasl_external = sasl_external and dialback_keys is not None
+        self.sasl = ExternalAuth()
+        self.prooftypes: dict[tuple[str, str], str | None] = {}   # accepted pair -> verdict's prooftype
+        self._websocket = False          # RFC 7395 has no stream restart: no SASL there
+        self._end_after_release = False  # the peer ended while stanzas were held for the backend
+        self._handshake_over = False     # `Authenticated` was announced
+        self._peer_bound: list[bytes] | None = None   # backend bytes for the peer while it restarts
         self.backend_stream_id: str | None = None
         self._peer_parser = XmlStreamParser(max_stanza_bytes=max_stanza_bytes, stop_after=self._is_starttls)
         self._backend_parser: XmlStreamParser | None = None
@@ -286,6 +179,26 @@ class InboundSession:
     @staticmethod
     def _is_starttls(element: Element) -> bool:
         return element.name == "starttls" and element.ns == NS_TLS
+
+    def _new_peer_parser(self) -> XmlStreamParser:
+        """A parser for the peer's stream after TLS.  While EXTERNAL may still be negotiated it
+        stops after an `<auth/>`: what follows belongs to a new stream if it succeeds (RFC 6120
+        §6.4.6), to this one if not (`_resume_peer_stream`)."""
+        stop = is_sasl_auth if self.sasl.offerable and self.sasl.pair is None else None
+        return XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes, stop_after=stop)
+
+    def _resume_peer_stream(self) -> None:
+        """Go on parsing the peer's stream after an `<auth/>` that did not succeed: a fresh
+        parser given the peer's header again (for its namespace declarations, its event
+        dropped) and the bytes that followed the `<auth/>`.  (A parser that did not stop --
+        no EXTERNAL offered -- simply goes on.)"""
+        if self._peer_parser.state != "stopped":
+            return
+        trailing = self._peer_parser.trailing
+        self._peer_parser = self._new_peer_parser()
+        assert self._peer_header is not None
+        events = self._peer_parser.feed(self._peer_header.raw + trailing)
+        self._queue.extendleft(reversed([e for e in events if not isinstance(e, StreamOpened)]))
 
     @property
     def backend_answered(self) -> bool:
@@ -335,7 +248,7 @@ class InboundSession:
             self._close(f"the backend closed the stream, then the {why}")
             return self._take()
         if self.state in ("relay", "peer-done"):
-            self._end_backend_stream()
+            self._end_backend_stream_after_held()
             if self.state == "relay":
                 self.state = "peer-done"
                 self._out.append(PeerDone())
@@ -359,8 +272,11 @@ class InboundSession:
         self.tls = info
         self._waiting = None
         self.state = "tls-header"
+        # DESIGN §3.3: EXTERNAL needs a certificate to rest on (RFC 6120 §6.3.4: it uses
+        # credentials of the lower layer); WebSocket peers get none (no restart in RFC 7395).
+        self.sasl = ExternalAuth(offerable=self._sasl_external and bool(info.chain) and not self._websocket)
         # RFC 6120 §5.4.3.3: after TLS both sides restart with fresh parsers and headers.
-        self._peer_parser = XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes)
+        self._peer_parser = self._new_peer_parser()
         self._header_sent = False
         return self._drain()
 
@@ -371,7 +287,7 @@ class InboundSession:
         header, with the peer's chain known.  Call before any `peer_data`."""
         if self.state != "start":
             return []
-        self.state, self.direct_tls = "tls", True
+        self.state, self.direct_tls, self._websocket = "tls", True, True
         return self.tls_established(info)
 
     def peer_error(self, condition: str, text: str) -> list[Action]:
@@ -421,10 +337,11 @@ class InboundSession:
             return []
         events = self._backend_parser.feed(data)
         if (not events and self.state in ("relay", "peer-done") and self._backend_header_seen
-                and not data.strip() and self._backend_parser.buffered == 0):
+                and not data.strip() and self._backend_parser.buffered == 0 and self._peer_bound is None):
             # RFC 6120 §4.6.1: whitespace between elements is the backend's keepalive; pass
             # one space on, so the peer's idle timers see the stream alive.
             self._out.append(SendToPeer(b" "))
+        opened = False
         for event in events:
             if self.state == "draining":
                 # Our stream to the peer is closed (RFC 6120 §4.4: nothing more may be sent on
@@ -437,12 +354,12 @@ class InboundSession:
             if isinstance(event, Element):
                 self._from_backend(event)
             elif isinstance(event, StreamOpened):
-                self._backend_header_seen = True
+                self._backend_header_seen = opened = True
                 self._header_sent = True
                 self.backend_stream_id = event.id
                 self._out.append(SendToPeer(_XML_DECL + event.raw))
             elif isinstance(event, StreamClosed):
-                self._out.append(SendToPeer(STREAM_CLOSE))
+                self._to_peer(STREAM_CLOSE)
                 if self.state == "relay":
                     # RFC 6120 §4.4: the backend closed first and keeps reading until we close
                     # too.  The peer gets the close and may still send what it had under way:
@@ -459,7 +376,7 @@ class InboundSession:
                 return self._take()
             if self.closed:
                 break
-        return self._take()
+        return self._drain() if opened else self._take()   # the peer's elements waited for the header
 
     def backend_eof(self, reason: str = "") -> list[Action]:
         """The backend connection ended (or broke) without `</stream:stream>`."""
@@ -480,6 +397,8 @@ class InboundSession:
             # peer falls quiet (what it had under way has arrived) or a bound passes; then
             # the stream ends with remote-connection-failed.
             self.state, self._gone_reason = "backend-gone", why
+            for held in self.sasl.release():
+                self._undeliverable(held)
             self._out.append(PeerGrace(BACKEND_GONE_QUIET, BACKEND_GONE_LIMIT))
             return self._take()
         if self.state == "backend-done":
@@ -532,18 +451,23 @@ class InboundSession:
 
     # ------------------------------------------------------------------ inputs: verdicts, time
 
-    def verdict(self, sender: str, target: str, accepted: bool, reason: str) -> list[Action]:
-        """The answer to `CheckDialback(sender, target)`."""
+    def verdict(self, sender: str, target: str, accepted: bool, reason: str,
+                prooftype: str | None = None) -> list[Action]:
+        """The answer to `CheckDialback(sender, target)`: the verdict's accept/reject, its
+        reason and, when accepted, its prooftype (DESIGN §2.5)."""
         waiting = self._waiting
         if not isinstance(waiting, CheckDialback) or (waiting.sender, waiting.target) != (sender, target):
             return []
         element, self._pending_result, self._waiting = self._pending_result, None, None
         pair = (sender, target)
-        if accepted:
+        if is_sasl_auth(element):
+            self._sasl_verdict(pair, accepted, reason, prooftype)
+        elif accepted:
             self.accepted.add(pair)
+            self.prooftypes[pair] = prooftype
             self.rejected.pop(pair, None)
             if not self._backend_closed_sent:   # the peer may have ended meanwhile
-                self._out.append(SendToBackend(element.raw))
+                self._out.append(SendToBackend(self._result_for_backend(element, pair)))
         else:
             self.rejected[pair] = reason
             self._reject_dialback(sender, target, reason)
@@ -557,6 +481,18 @@ class InboundSession:
             return []
         if self.negotiated and not self._backend_header_seen:
             return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
+        if self.negotiated and self.sasl.awaiting_restart:
+            self._end_backend_stream()
+            self._error("connection-timeout", f"the stream was not restarted within {seconds:g} s of SASL <success/> "
+                                              "(RFC 6120 §6.4.6; limits.handshake_timeout)")
+            return self._take()
+        if self.negotiated and self.sasl.pending:
+            text = (f"the backend did not confirm {self.sasl.pair[0]} within {seconds:g} s (limits.handshake_timeout): "
+                    + BACKEND_REFUSED_KEY.replace("did not accept", "did not answer"))
+            self._out.append(Note("sasl-backend-silent", text, warning=True))
+            self._end_backend_stream()
+            self._error("connection-timeout", text)
+            return self._take()
         if self.negotiated:
             # DESIGN §3.1 Deadlines: the handshake ends when the backend confirms a pair.
             self._end_backend_stream()
@@ -633,7 +569,11 @@ class InboundSession:
     # ------------------------------------------------------------------ peer events
 
     def _drain(self) -> list[Action]:
-        while self._queue and self._waiting is None and not self.closed:
+        # Once relaying, the peer's elements wait for the backend's stream header: its id is
+        # what the proxy's dialback keys are bound to (DESIGN §3.3), and a peer cannot have
+        # seen it before (so anything it sent earlier was pipelined and can wait).
+        while (self._queue and self._waiting is None and not self.closed
+               and (self.state != "relay" or self._backend_header_seen)):
             event = self._queue.popleft()
             if type(event) is bytes:
                 self._on_passed(event)
@@ -660,21 +600,28 @@ class InboundSession:
             self._error("improper-addressing", "the stream header has no 'to' attribute naming our domain")
             return
         try:
-            to = _domain(header.to)
+            to = read_domain(header.to)
         except DomainReadingError as exc:
             self._error("improper-addressing", f"the stream header's 'to': {exc}")
             return
         if to not in self.local_domains:
             self._error("host-unknown", f"{header.to!r} is not a domain served here")
             return
+        if self.sasl.awaiting_restart and to != self.local_domain:
+            # RFC 6120 §6.4.6: the restarted stream continues the authenticated one.
+            self._error("improper-addressing", f"the stream restarted after SASL is to {to}, but {self.local_domain} "
+                                               "was authenticated to")
+            return
         self.local_domain = to
         try:
-            self.peer_domain = _domain(header.from_) if header.from_ else None
+            self.peer_domain = read_domain(header.from_) if header.from_ else None
         except DomainReadingError as exc:
             # The backend reads the header's 'from' too (e.g. Prosody's session.from_host).
             self._error("invalid-from", f"the stream header's 'from': {exc}")
             return
-        if self.state == "header":
+        if self.sasl.awaiting_restart:
+            self._on_restart(header)
+        elif self.state == "header":
             if header.version is None or not header.version.startswith("1."):
                 self._error("policy-violation",
                             "TLS is required, but a stream without version='1.0' cannot negotiate STARTTLS")
@@ -705,7 +652,7 @@ class InboundSession:
             self._close(self._gone_reason + "; then the peer closed its stream", outcome="remote-connection-failed")
             return
         if self.state in ("relay", "peer-done"):
-            self._end_backend_stream()
+            self._end_backend_stream_after_held()
             self.state = "peer-done"
             self._out.append(PeerDone())
             return
@@ -721,160 +668,36 @@ class InboundSession:
                 self._waiting = StartTls(self.local_domain, self._peer_parser.trailing, False)
                 self._out.append(self._waiting)
             else:
-                self._error("policy-violation", f"STARTTLS is required; got {_describe(el)} instead of <starttls/>")
+                self._error("policy-violation", f"STARTTLS is required; got {describe_element(el)} instead of <starttls/>")
             return
         if self.state in ("draining", "backend-done", "backend-gone") and el.ns == NS_DIALBACK:
             return   # no new authentications on a stream that is closing
         if self.state == "backend-gone" and not (el.ns == NS_SERVER and el.name in _STANZAS):
             return   # nothing else expects an answer, and the backend is gone
         if self.state not in ("relay", "draining", "backend-done", "backend-gone"):
-            self._error("not-authorized", f"{_describe(el)} before the stream was negotiated")
+            self._error("not-authorized", f"{describe_element(el)} before the stream was negotiated")
             return
         # Deny by default (DESIGN §3.1): the table in proxy/gate.py says how each element passes.
-        stage = Stage.INBOUND_AUTHENTICATED if self.authenticated else Stage.INBOUND_UNAUTHENTICATED
+        if self.authenticated:
+            stage = Stage.INBOUND_AUTHENTICATED
+        else:
+            stage = Stage.INBOUND_SASL_PENDING if self.sasl.pair else Stage.INBOUND_UNAUTHENTICATED
         rule = admit(stage, el.ns, el.name)
         if isinstance(rule, Refusal):
             self._end_backend_stream()
-            self._error(rule.condition, f"{_describe(el)} {rule.why}")
+            self._error(rule.condition, f"{describe_element(el)} {rule.why}")
         elif rule is Passage.JUDGE:
             self._on_dialback_result(el)
         elif rule is Passage.VERIFY:
             self._on_dialback_verify(el)
         elif rule is Passage.STANZA:
             self._on_stanza(el)
+        elif rule is Passage.SASL:
+            self._on_sasl_auth(el)
         elif rule is Passage.RELAY:
             self._out.append(SendToBackend(el.raw))   # XEP-0198 elements, <stream:error>
         # Passage.SWALLOW: the peer's parting <stream:error> before authentication; the
         # backend just sees the stream end (DESIGN §3.1 step 3).
-
-    def _on_dialback_result(self, el: Element) -> None:
-        sender, target = el.attrs.get("from"), el.attrs.get("to")
-        if not sender or not target:
-            self._end_backend_stream()
-            self._error("improper-addressing", "<db:result> needs both 'from' and 'to' (XEP-0220 §2.1.1)")
-            return
-        readings = self._read_dialback_pair(el, sender, target)
-        if readings is None:
-            return
-        sender, target = pair = readings
-        if target not in self.local_domains:
-            reason = _clip(f"{target!r} is not a domain served here")
-            if self.dialback_errors:
-                self._count_rejection()
-                if not self.closed:
-                    self._out.append(SendToPeer(dialback_error(sender, target, "item-not-found", reason)))
-            else:
-                self._end_backend_stream()
-                self._error("host-unknown", reason)
-            return
-        if pair in self.accepted:
-            self._out.append(SendToBackend(el.raw))  # renewed key for an accepted pair
-            return
-        if pair in self.rejected:
-            self._reject_dialback(sender, target, self.rejected[pair])
-            return
-        self._pending_result = el
-        self._waiting = CheckDialback(sender, target)
-        self._out.append(self._waiting)
-
-    def _read_dialback_pair(self, el: Element, sender: str, target: str) -> tuple[str, str] | None:
-        """(from, to) of a dialback element in their one reading (DESIGN §2.6), or None after
-        refusing it: a dialback error (jid-malformed, RFC 6120 §8.3.3.8) if the peer
-        understands them, else a stream error."""
-        try:
-            return _domain(sender), _domain(target)
-        except DomainReadingError as exc:
-            which = "from" if _unreadable(sender) else "to"
-            text = _clip(f"<db:{el.name}> '{which}': {exc}")
-            if self.dialback_errors:
-                self._count_rejection()
-                if not self.closed:
-                    self._out.append(SendToPeer(dialback_error(
-                        sender, target, "jid-malformed", text, name=el.name,
-                        id=el.attrs.get("id") if el.name == "verify" else None)))
-            else:
-                self._end_backend_stream()
-                self._error("invalid-from" if which == "from" else "improper-addressing", text)
-            return None
-
-    def _on_dialback_verify(self, el: Element) -> None:
-        """<db:verify>: the peer, as receiving server, asks our backend (as the authoritative
-        server) about a key; it asserts nothing about the peer, so it is not judged (DESIGN
-        §3.1 step 4).  But the backend reads its addresses: one reading each, and 'to' must be
-        a domain served here (XEP-0220 §2.1.2: the originating server's own domain)."""
-        sender, target = el.attrs.get("from"), el.attrs.get("to")
-        if not sender or not target or not el.attrs.get("id"):
-            self._end_backend_stream()
-            self._error("improper-addressing", "<db:verify> needs 'from', 'to' and 'id' (XEP-0220 §2.1.2)")
-            return
-        readings = self._read_dialback_pair(el, sender, target)
-        if readings is None:
-            return
-        if readings[1] not in self.local_domains:
-            reason = _clip(f"{readings[1]!r} is not a domain served here")
-            if self.dialback_errors:
-                self._count_rejection()
-                if not self.closed:
-                    self._out.append(SendToPeer(dialback_error(
-                        readings[0], readings[1], "item-not-found", reason, name="verify", id=el.attrs["id"])))
-            else:
-                self._end_backend_stream()
-                self._error("host-unknown", reason)
-            return
-        self._out.append(SendToBackend(el.raw))
-
-    def _reject_dialback(self, sender: str, target: str, reason: str) -> None:
-        text = _clip(f"{sender} not authenticated: {reason}")
-        if self.dialback_errors:
-            # XEP-0220 §2.4: a dialback error is not fatal for the stream; other domain
-            # pairs on it keep working.
-            self._count_rejection()
-            if not self.closed:
-                self._out.append(SendToPeer(dialback_error(sender, target, "not-authorized", text)))
-        else:
-            self._end_backend_stream()
-            self._error("not-authorized", text)
-
-    def _count_rejection(self) -> None:
-        self.rejections += 1
-        if self.rejections >= MAX_DIALBACK_REJECTIONS:
-            self._end_backend_stream()
-            self._error("policy-violation", f"{self.rejections} dialback requests rejected on this stream")
-
-    def _on_stanza(self, el: Element) -> None:
-        sender, target = el.attrs.get("from"), el.attrs.get("to")
-        if not sender or not target:
-            # RFC 6120 §8.1.1.2 / §8.1.2.2: on S2S streams both addresses are required.
-            self._end_backend_stream()
-            self._error("improper-addressing", f"{_describe(el)} without 'from' and 'to'")
-            return
-        try:
-            from_domain = jid_domain(sender)
-        except DomainReadingError as exc:
-            self._end_backend_stream()
-            self._error("invalid-from", f"{_describe(el)} 'from': {exc}")
-            return
-        try:
-            to_domain = jid_domain(target)
-        except DomainReadingError as exc:
-            self._end_backend_stream()
-            self._error("improper-addressing", f"{_describe(el)} 'to': {exc}")
-            return
-        pair = (from_domain, to_domain)
-        if pair in self.authenticated:
-            if self._backend_lost:
-                self._undeliverable(el)
-            else:
-                self._out.append(SendToBackend(el.raw))
-                self._route(el.name, sender, target)
-            return
-        if self.authenticated:
-            have = ", ".join(f"{a}->{b}" for a, b in sorted(self.authenticated))
-            why = f"{_describe(el)} from {pair[0]} to {pair[1]}, but only {have} is authenticated on this stream"
-        else:
-            why = f"{_describe(el)} from {pair[0]} to {pair[1]} before any domain was authenticated"
-        self._end_backend_stream()
-        self._error("invalid-from", why)
 
     def _route(self, name: str, sender: str, target: str) -> None:
         """A stanza just passed: from now on the framer hands over stanzas with the same
@@ -903,21 +726,50 @@ class InboundSession:
 
     def _from_backend(self, el: Element) -> None:
         if el.ns == NS_STREAMS and el.name == "features":
-            self._out.append(SendToPeer(el.raw_without(lambda child: (child.ns, child.name) in _WITHHELD)))
+            features = el.raw_without(lambda child: (child.ns, child.name) in _WITHHELD)
+            # DESIGN §3.3: EXTERNAL is the proxy's offer; a key for it needs the stream id.
+            self._to_peer(self.sasl.features(features) if self.backend_stream_id else features)
+            return
+        if el.ns == NS_DIALBACK and el.name == "result" and self.sasl.pending and self._answers_sasl(el):
+            self._on_sasl_answer(el)
             return
         if el.ns == NS_DIALBACK and el.name == "result" and el.attrs.get("type") == "valid":
             # XEP-0220 §2.2.1 step 4: the backend confirms (to=sender, from=target).
             try:
-                pair = (_domain(el.attrs.get("to", "")), _domain(el.attrs.get("from", "")))
+                pair = (read_domain(el.attrs.get("to", "")), read_domain(el.attrs.get("from", "")))
             except DomainReadingError:
                 pair = None   # nothing we accepted: accepted pairs are in their one reading
             if pair in self.accepted and pair not in self.authenticated:
-                if not self.authenticated:
-                    self._out.append(Authenticated())
-                self.authenticated.add(pair)
-        self._out.append(SendToPeer(el.raw))
+                self._confirmed(pair)
+        self._to_peer(el.raw)
+
+    def _confirmed(self, pair: tuple[str, str]) -> None:
+        """The backend confirmed `pair`.  The first confirmation ends the handshake (DESIGN
+        §3.1 Deadlines) -- unless the peer has yet to restart after SASL, which the handshake
+        deadline still bounds."""
+        self.authenticated.add(pair)
+        if not self._handshake_over and not self.sasl.awaiting_restart:
+            self._handshake_over = True
+            self._out.append(Authenticated())
+
+    def _to_peer(self, data: bytes) -> None:
+        """Backend bytes for the peer; held while the peer restarts its stream after SASL
+        (they must follow our new stream header, RFC 6120 §6.4.6)."""
+        if self._peer_bound is not None:
+            self._peer_bound.append(data)
+        else:
+            self._out.append(SendToPeer(data))
 
     # ------------------------------------------------------------------ endings
+
+    def _end_backend_stream_after_held(self) -> None:
+        """The peer ended its stream: end the backend's, unless stanzas wait for the backend to
+        confirm the pair SASL authenticated -- they were accepted and go first (DESIGN §3.1
+        step 6), and the backend's stream ends after them (the shell bounds the wait)."""
+        if self.sasl.held and not self._backend_lost:
+            self._end_after_release = True
+        else:
+            self._end_backend_stream()
 
     def _end_backend_stream(self) -> None:
         """Close the backend's stream politely (after everything already forwarded)."""
@@ -930,7 +782,7 @@ class InboundSession:
         has not seen one: RFC 6120 §4.9.1.1) and the close."""
         if self.closed:
             return
-        text = _clip(text)
+        text = clip(text)
         if self.state in ("draining", "backend-done"):
             # Our stream to the peer is already closed: no second error on it.
             self._end_backend_stream()
@@ -962,7 +814,7 @@ class InboundSession:
             self._queue.clear()
             self._waiting = None
             # A condition outside OUTCOMES would be a bug here, not an escaped exception.
-            self.ending = Close(_clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
+            self.ending = Close(clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
             self._out.append(self.ending)
 
     def _take(self) -> list[Action]:
@@ -998,5 +850,5 @@ class InboundSession:
 __all__ = [
     "Action", "Authenticated", "BACKEND_GONE_LIMIT", "BACKEND_GONE_QUIET", "CLOSE_GRACE", "CheckDialback", "Close",
     "ConnectBackend", "InboundSession", "MAX_DIALBACK_REJECTIONS", "Negotiated", "PeerDone", "PeerGrace",
-    "SendToBackend", "SendToPeer", "StartTls", "dialback_error", "jid_domain",
+    "Note", "SendToBackend", "SendToPeer", "StartTls", "dialback_error", "jid_domain",
 ]

@@ -274,9 +274,11 @@ def test_ejabberd_backend_message_to_a_mismatching_peer_bounces_with_the_reason(
 
 def test_ejabberd_backend_checks_a_peers_dialback_key_through_the_module(
         ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path):
-    # Inbound: a peer Prosody delivers to the ejabberd backend; the backend checks the peer's
-    # dialback key (mod_s2s_dialback's verification stream) through the module and the proxy's
-    # outbound side.  Its own resolvers are dead, and its /etc/hosts and outgoing_s2s_port send
+    # Inbound: a peer Prosody delivers to the ejabberd backend.  The proxy accepts the peer by
+    # DANE and asserts the pair to the backend with a dialback key of its own (DESIGN §3.3);
+    # the backend checks it (mod_s2s_dialback's verification stream) through the module and
+    # the proxy's outbound side, which answers it without connecting to the peer.  The
+    # backend's own resolvers are dead, and its /etc/hosts and outgoing_s2s_port send
     # ejabberd's fallback for the peer domain to a listener that must see nothing.
     direct = Listener(PEER_IP)
     with ExitStack() as stack:
@@ -292,10 +294,12 @@ def test_ejabberd_backend_checks_a_peers_dialback_key_through_the_module(
         assert got.get("from") == f"{USER}@{name}/sender"
         inbound = proxy.log.wait_for(TIMEOUT, event="decision", direction="inbound", domain=name)
         assert (inbound["verdict"], inbound["prooftype"]) == ("accept", "dane-ee"), inbound
-        # The key check went out through the proxy, which judged the peer again (DANE-EE).
-        outbound = proxy.log.wait_for(TIMEOUT, event="decision", direction="outbound", domain=name)
-        assert (outbound["verdict"], outbound["prooftype"]) == ("accept", "dane-ee"), outbound
+        # The key check went out through the module to the proxy, which answered it itself:
+        # no verdict on an outbound stream, no connection to the peer.
+        answered = proxy.log.wait_for(TIMEOUT, event="dialback-answered-locally", domain=name)
+        assert answered["local"] == local, answered
         backend.wait_for_log(rf"Outbound s2s connection started: {re.escape(local)} -> {re.escape(name)}")
+        assert proxy.decisions(direction="outbound", domain=name) == []
         assert direct.connections() == 0
 
 

@@ -21,11 +21,23 @@ promise with an oracle that does not use the proxy's code:
 * XEP-0198 elements and `<stream:error>` only once a pair is confirmed;
 * nothing else, ever; and no text between elements but whitespace.
 
+With SASL EXTERNAL offered (DESIGN §3.3: a client certificate, `sasl_external`), the peer may
+also send `<auth/>` in every variant (empty, authzid matching or not, bad base64, another
+mechanism), restart after `<success/>`, and the backend may answer the proxy's `<db:result>`
+valid or invalid.  Further promises checked:
+
+* no SASL element ever reaches the backend (the "nothing else" rule);
+* a `<db:result>` for a pair a certificate proved carries the proxy's key (one its own
+  `DialbackKeys` recognises for the backend's stream id), never the peer's;
+* stanzas of the pair SASL authenticated reach the backend only after its `valid` (the stanza
+  rule), and in the order the peer sent them.
+
 `test_outcome_does_not_depend_on_chunking` checks that the same input split differently
 gives the same verdict requests, the same bytes to the backend and the same ending.
 """
 from __future__ import annotations
 
+import base64
 import encodings.idna  # noqa: F401  (the IDNA2003 codec used by the oracle)
 import re
 from xml.parsers import expat
@@ -36,6 +48,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from proxy.dialback_keys import DialbackKeys
 from proxy.inbound_session import (
     CheckDialback, Close, ConnectBackend, InboundSession, SendToBackend, StartTls,
 )
@@ -47,6 +60,11 @@ NS_SERVER = "jabber:server"
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_SM = "urn:xmpp:sm:3"
 TLS = TlsInfo("1.3", "TLSv1.3", None, None, None, ())
+TLS_WITH_CERT = TlsInfo("1.3", "TLSv1.3", None, None, None, (b"a client certificate",))
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+BACKEND_ID = "backend-id"
+KEYS = DialbackKeys(b"the test's dialback secret")
+PROOFTYPES = ["tls", "dane-ee", "pkix", "posh"]
 
 # Domains a peer may write: plain, case/dot variants, IDNA deviation characters (ß, ς, ZWJ,
 # ZWNJ) and their "other readings", U-labels and A-labels of one domain, names one reading
@@ -91,7 +109,8 @@ def jid_reading(jid: str | None) -> str | None:
 
 
 class BackendView:
-    """The backend's parse of what it was sent: first-level elements, as expat reads them."""
+    """The backend's parse of what it was sent: first-level elements, as expat reads them,
+    with their direct text (a dialback key)."""
 
     def __init__(self) -> None:
         self.p = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
@@ -99,14 +118,14 @@ class BackendView:
         self.p.EndElementHandler = self._end
         self.p.CharacterDataHandler = self._text
         self.depth = 0
-        self.new: list[tuple[str, str, dict]] = []
+        self.new: list[list] = []   # [ns, name, attrs, text]
         self.stray_text = ""
         self.closed = False
 
     def _start(self, qname, attrs):
         if self.depth == 1:
             ns, _, name = qname.rpartition(" ")
-            self.new.append((ns, name, {k: v for k, v in attrs.items() if " " not in k}))
+            self.new.append([ns, name, {k: v for k, v in attrs.items() if " " not in k}, ""])
         self.depth += 1
 
     def _end(self, qname):
@@ -117,8 +136,10 @@ class BackendView:
     def _text(self, data):
         if self.depth == 1:
             self.stray_text += data
+        elif self.depth == 2 and self.new:
+            self.new[-1][3] += data
 
-    def feed(self, data: bytes) -> list[tuple[str, str, dict]]:
+    def feed(self, data: bytes) -> list[list]:
         assert not self.closed, f"bytes sent to the backend after its stream was closed: {data[:200]!r}"
         self.p.Parse(data, False)
         new, self.new = self.new, []
@@ -191,7 +212,30 @@ OTHER_ELEMENTS = [
     b"<foo/>", b"<foo xmlns='urn:example:unknown'><message/></foo>", b" ", b"\n",
     b"<stream:features/>",
 ]
-elements = st.one_of(dialback_elements(), stanzas(), st.sampled_from(OTHER_ELEMENTS))
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+SASL_PAYLOADS = ["=", "", b64("p.example"), b64("P.Example."), b64("xn--strae-oqa.p.example"), b64("straße.p.example"),
+                 b64("other.example"), b64("u@p.example"), "!!not base64", b64("")]
+
+
+@st.composite
+def sasl_auths(draw) -> bytes:
+    mechanism = draw(st.sampled_from(["EXTERNAL", "EXTERNAL", "EXTERNAL", "PLAIN", ""]))
+    payload = draw(st.sampled_from(SASL_PAYLOADS))
+    spelling = draw(st.sampled_from(["default-ns", "default-ns", "own-prefix", "empty-ns"]))
+    tag, decl = SPELLINGS[spelling]("auth", NS_SASL)
+    return f"<{tag}{decl}{attr('mechanism', mechanism or None)}>{payload}</{tag}>".encode()
+
+
+elements = st.one_of(dialback_elements(), stanzas(), st.sampled_from(OTHER_ELEMENTS), sasl_auths())
+# Stanzas of the pair a plain `<auth>=</auth>` from p.example authenticates, mostly.
+sasl_pair_stanzas = st.builds(
+    lambda name, frm, to: f"<{name} from='{frm}' to='{to}'><body>hi</body></{name}>".encode(),
+    st.sampled_from(["message", "presence", "iq"]),
+    st.sampled_from(["p.example", "juliet@p.example/r", "P.Example.", "xn--mnchen-3ya.p.example"]),
+    st.sampled_from([LOCAL, "romeo@local.example", "LOCAL.example."]))
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -204,12 +248,16 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 class GateMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.session = InboundSession([LOCAL])
+        self.session = InboundSession([LOCAL], sasl_external=True, dialback_keys=KEYS)
         self.backend = BackendView()
         self.accepted: set[tuple[str, str]] = set()     # (sender, target) the verdict accepted
+        self.by_certificate: set[tuple[str, str]] = set()   # ... with a prooftype other than tls
         self.confirmed: set[tuple[str, str]] = set()    # ... and the backend confirmed
         self.asked: list[CheckDialback] = []
         self.trace: list[str] = []
+        self.numbered = 0                                # stanzas get <body>N</body>, N counting up
+        self.pair_of: dict[int, tuple] = {}              # N -> (from, to) in one reading
+        self.to_backend = bytearray()
 
     # -- plumbing
 
@@ -217,8 +265,9 @@ class GateMachine(RuleBasedStateMachine):
         for action in actions:
             self.trace.append(repr(action)[:200])
             if isinstance(action, SendToBackend):
-                for ns, name, attrs in self.backend.feed(action.data):
-                    self.check_element(ns, name, attrs)
+                self.to_backend += action.data
+                for ns, name, attrs, text in self.backend.feed(action.data):
+                    self.check_element(ns, name, attrs, text)
             elif isinstance(action, CheckDialback):
                 self.asked.append(action)
             elif isinstance(action, ConnectBackend):
@@ -228,14 +277,17 @@ class GateMachine(RuleBasedStateMachine):
                     b"xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
                     b"id='backend-id' from='local.example' version='1.0'><stream:features/>"))
             elif isinstance(action, StartTls):
-                self.perform(self.session.tls_established(TLS))
+                self.perform(self.session.tls_established(TLS_WITH_CERT if self.client_cert else TLS))
 
-    def check_element(self, ns: str, name: str, attrs: dict) -> None:
+    def check_element(self, ns: str, name: str, attrs: dict, text: str) -> None:
         where = f"{{{ns}}}{name} {attrs!r}; trace: {self.trace[-6:]}"
         if (ns, name) == (NS_DB, "result"):
             pair = (one_reading(attrs.get("from", "")), one_reading(attrs.get("to", "")))
             assert None not in pair, "a <db:result> without one reading reached the backend: " + where
             assert pair in self.accepted, "a <db:result> for a pair not accepted reached the backend: " + where
+            if pair in self.by_certificate:
+                assert KEYS.is_ours(receiving=pair[1], originating=pair[0], stream_id=BACKEND_ID, key=text), \
+                    "a certificate-proved pair reached the backend without the proxy's key: " + where
         elif (ns, name) == (NS_DB, "verify"):
             assert one_reading(attrs.get("from", "")) is not None, where
             assert one_reading(attrs.get("to", "")) == LOCAL, where
@@ -252,11 +304,13 @@ class GateMachine(RuleBasedStateMachine):
     @initialize(mode=st.sampled_from(["starttls", "direct", "websocket"]), dialback=st.booleans(),
                 frm=st.sampled_from([None, "p.example", "p.example", "straße.p.example"]),
                 asserts=st.lists(st.tuples(domains, locals_, st.sampled_from(["later", "accept", "accept", "reject"]),
-                                           st.booleans()), max_size=3))
-    def start(self, mode: str, dialback: bool, frm: str | None, asserts: list) -> None:
+                                           st.booleans()), max_size=3),
+                client_cert=st.sampled_from([True, True, True, False]))
+    def start(self, mode: str, dialback: bool, frm: str | None, asserts: list, client_cert: bool) -> None:
+        self.client_cert = client_cert
         header = peer_header(dialback=dialback, frm=frm)
         if mode == "websocket":
-            self.perform(self.session.transport_secured(TLS))
+            self.perform(self.session.transport_secured(TLS_WITH_CERT if client_cert else TLS))
             self.perform(self.session.peer_data(header))
         elif mode == "direct":
             self.perform(self.session.peer_data(b"\x16\x03\x01"))
@@ -295,7 +349,55 @@ class GateMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.session.closed)
     @rule(stanza=stanzas())
     def peer_sends_a_stanza(self, stanza: bytes) -> None:
-        self.perform(self.session.peer_data(stanza))
+        self.perform(self.session.peer_data(self.numbered_stanza(stanza)))
+
+    def numbered_stanza(self, stanza: bytes) -> bytes:
+        """`stanza` with a body naming its place in the peer's order (for the order check)."""
+        self.numbered += 1
+        m = re.search(rb"from='([^']*)'", stanza), re.search(rb"to='([^']*)'", stanza)
+        frm, to = (x.group(1).decode().replace("&apos;", "'").replace("&amp;", "&") if x else None for x in m)
+        self.pair_of[self.numbered] = (jid_reading(frm), jid_reading(to))
+        return stanza.replace(b"<body>hi</body>", f"<body>{self.numbered}</body>".encode())
+
+    @precondition(lambda self: not self.session.closed)
+    @rule(auth=sasl_auths(), restart_to=st.sampled_from([None, LOCAL, LOCAL, "other.example"]),
+          then=st.lists(stanzas(), max_size=3))
+    def peer_tries_sasl(self, auth: bytes, restart_to: str | None, then: list[bytes]) -> None:
+        """An <auth/>, judged now by a random verdict; after <success/> the peer restarts
+        (RFC 6120 §6.4.6) -- or, `None`, goes on without -- and sends stanzas at once."""
+        self.perform(self.session.peer_data(auth))
+        if isinstance(self.session._waiting, CheckDialback):
+            self.verdict(True)
+        if self.session.sasl.awaiting_restart and restart_to is not None:
+            self.perform(self.session.peer_data(peer_header(to=restart_to, dialback=False)))
+        for stanza in then:
+            if not self.session.closed:
+                self.perform(self.session.peer_data(self.numbered_stanza(stanza)))
+
+    @precondition(lambda self: not self.session.closed and self.session.sasl.offered and not self.session.sasl.pair)
+    @rule(then=st.lists(sasl_pair_stanzas, max_size=4), answer=st.sampled_from(["later", "valid", "valid", "invalid"]),
+          after=st.integers(0, 4))
+    def peer_authenticates_by_sasl(self, then: list[bytes], answer: str, after: int) -> None:
+        """The step SASL runs need: a good <auth/>, success, restart, stanzas of the pair at
+        once (held), the backend's answer after `after` of them."""
+        self.peer_tries_sasl(f"<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>".encode(), LOCAL, [])
+        for i, stanza in enumerate(then + [b""]):
+            if self.session.closed:
+                break
+            if i == after and answer != "later" and self.session.sasl.pending:
+                self.backend_answers_the_proxy(answer == "valid")
+            if stanza and not self.session.closed:
+                self.perform(self.session.peer_data(self.numbered_stanza(stanza)))
+
+    @precondition(lambda self: not self.session.closed and self.session.sasl.pending)
+    @rule(valid=st.booleans())
+    def backend_answers_the_proxy(self, valid: bool) -> None:
+        pair = self.session.sasl.pair
+        if valid:
+            self.confirm(pair[1], pair[0])
+        else:
+            self.perform(self.session.backend_data(
+                f"<db:result from='{pair[1]}' to='{pair[0]}' type='invalid'/>".encode()))
 
     @precondition(lambda self: not self.session.closed)
     @rule(how=st.sampled_from(["restart", "close", "eof"]), to=locals_)
@@ -314,11 +416,15 @@ class GateMachine(RuleBasedStateMachine):
     def answer(self, accept: bool) -> None:
         self.verdict(accept)
 
-    def verdict(self, accept: bool) -> None:
+    def verdict(self, accept: bool, prooftype: str | None = None) -> None:
         waiting = self.session._waiting
+        prooftype = prooftype or PROOFTYPES[len(self.asked) % len(PROOFTYPES)]
         if accept:
             self.accepted.add((waiting.sender, waiting.target))
-        self.perform(self.session.verdict(waiting.sender, waiting.target, accept, "the test's verdict"))
+            if prooftype != "tls":
+                self.by_certificate.add((waiting.sender, waiting.target))
+        self.perform(self.session.verdict(waiting.sender, waiting.target, accept, "the test's verdict",
+                                          prooftype if accept else None))
 
     @precondition(lambda self: not self.session.closed)
     @rule(frm=locals_, to=domains, choose_accepted=st.booleans(), data=st.data())
@@ -342,6 +448,15 @@ class GateMachine(RuleBasedStateMachine):
     def nothing_stray(self) -> None:
         assert not self.backend.stray_text.strip(), self.backend.stray_text
 
+    @invariant()
+    def each_pair_in_order(self) -> None:
+        """Held or not, a pair's stanzas reach the backend in the order the peer sent them."""
+        seen: dict[tuple, int] = {}
+        for n in (int(x) for x in re.findall(rb"<body>(\d+)</body>", bytes(self.to_backend))):
+            pair = self.pair_of[n]
+            assert seen.get(pair, 0) < n, f"stanza {n} of {pair} after stanza {seen[pair]}; trace: {self.trace[-8:]}"
+            seen[pair] = n
+
 
 TestGateMachine = GateMachine.TestCase
 # Enough to find a stanza in jabber:client after authentication (breach 3) and a
@@ -353,10 +468,13 @@ TestGateMachine.settings = settings(max_examples=500, stateful_step_count=30, de
 # ------------------------------------------------------------------ chunking does not matter
 
 def run_session(items: list[bytes], cuts: list[int], accept: frozenset) -> tuple:
-    """Feed `items` (split at `cuts`), answer verdicts from `accept`, confirm every accepted
-    pair at once; return what decides the outcome."""
-    s = InboundSession([LOCAL])
-    asked, to_backend, ending = [], bytearray(), None
+    """Feed `items` (split at `cuts`), answer verdicts from `accept` at once, and once all is
+    fed let the backend confirm every accepted pair; return what decides the outcome.  (The
+    backend's confirmations come at the end: `verdict()` goes on with the peer's queued
+    elements, so a confirmation right after it would land at a point that depends on where
+    the input was cut -- a difference in the test's backend, not in the session.)"""
+    s = InboundSession([LOCAL], sasl_external=True, dialback_keys=KEYS)
+    asked, to_backend, ending, to_confirm = [], bytearray(), None, []
 
     def perform(actions):
         nonlocal ending
@@ -364,27 +482,34 @@ def run_session(items: list[bytes], cuts: list[int], accept: frozenset) -> tuple
             if isinstance(a, CheckDialback):
                 asked.append((a.sender, a.target))
                 ok = (a.sender, a.target) in accept or a.sender in accept
-                perform(s.verdict(a.sender, a.target, ok, "test"))
+                perform(s.verdict(a.sender, a.target, ok, "test", "dane-ee" if ok else None))
                 if ok:
-                    perform(s.backend_data(f"<db:result from='{a.target}' to='{a.sender}' type='valid'/>".encode()))
+                    to_confirm.append(f"<db:result from='{a.target}' to='{a.sender}' type='valid'/>".encode())
             elif isinstance(a, SendToBackend):
                 to_backend.extend(a.data)
             elif isinstance(a, ConnectBackend):
                 perform(s.backend_connected())
                 perform(s.backend_data(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
-                                       b"xmlns:stream='http://etherx.jabber.org/streams' id='b' version='1.0'>"))
+                                       b"xmlns:stream='http://etherx.jabber.org/streams' "
+                                       b"xmlns:db='jabber:server:dialback' id='backend-id' version='1.0'>"
+                                       b"<stream:features/>"))
             elif isinstance(a, StartTls):
-                perform(s.tls_established(TLS))
+                perform(s.tls_established(TLS_WITH_CERT))
             elif isinstance(a, Close):
                 ending = (a.condition, a.outcome, re.sub(r"\d+", "N", a.reason))
 
-    perform(s.transport_secured(TLS))
+    # Direct TLS with a client certificate: SASL EXTERNAL is offered (DESIGN §3.3).
+    perform(s.peer_data(b"\x16\x03\x01"))
     for chunk in split(peer_header() + b"".join(items), cuts):
         perform(s.peer_data(chunk))
+    for confirmation in to_confirm:
+        perform(s.backend_data(confirmation))
     return asked, bytes(to_backend), ending
 
 
-@given(items=st.lists(elements, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12),
+@given(items=st.lists(st.one_of(elements, st.just(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'/>"),
+                                st.just(peer_header(dialback=False))), max_size=6),
+       cuts=st.lists(st.integers(0, 10_000), max_size=12),
        accept=st.frozensets(st.sampled_from(["p.example", "xn--mnchen-3ya.p.example", "xn--strae-oqa.p.example"])))
 @settings(max_examples=200, deadline=None)
 def test_outcome_does_not_depend_on_chunking(items, cuts, accept):

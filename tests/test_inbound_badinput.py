@@ -500,12 +500,26 @@ def up(s: InboundSession, header: bytes = HEADER.encode()) -> list:
     return s.backend_connected()
 
 
+BACKEND_HEADER = b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' id='x'>"
+
+
+def relaying(s: InboundSession) -> list:
+    """`up`, then the backend's stream header: the peer's elements are handled from here on
+    (they wait for the header, whose id binds dialback keys)."""
+    up(s)
+    return s.backend_data(BACKEND_HEADER)
+
+
 def test_session_pipelined_input_is_processed_in_order():
     s = session()
     up(s)
     verify = b"<db:verify from='a.example' to='b.example' id='i'>k</db:verify>"
-    actions = s.peer_data(db_result() + verify + b"</stream:stream>")
-    assert actions == [CheckDialback(PEER, LOCAL)]          # the verify waits its turn
+    # Everything waits for the backend's stream header (its id binds dialback keys) ...
+    assert s.peer_data(db_result() + verify + b"</stream:stream>") == []
+    header = b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' id='x'>"
+    actions = s.backend_data(header)
+    assert actions == [SendToPeer(b"<?xml version='1.0'?>" + header), CheckDialback(PEER, LOCAL)]
+    # ... and then the verify waits its turn.
     actions = s.verdict(PEER, LOCAL, True, "ok")
     assert actions == [SendToBackend(db_result() + verify + b"</stream:stream>"), PeerDone()]
 
@@ -544,7 +558,7 @@ def test_session_backend_features_are_filtered_and_valid_result_authenticates():
 
 def test_session_too_many_dialback_rejections_end_the_stream():
     s = session()
-    up(s)
+    relaying(s)
     for i in range(MAX_DIALBACK_REJECTIONS - 1):
         sender = f"d{i}.example"
         assert s.peer_data(db_result(sender=sender)) == [CheckDialback(sender, LOCAL)]
@@ -567,7 +581,7 @@ def test_session_timeouts_by_state():
 
 def test_session_reasons_quoting_peer_data_are_clipped():
     s = session()
-    up(s)
+    relaying(s)
     huge = "x" * 200_000 + ".example"
     actions = s.peer_data(b"<message from='a@" + huge.encode() + b"' to='b@b.example'/>")
     assert actions[0] == SendToBackend(b"</stream:stream>")
@@ -579,11 +593,11 @@ def test_session_reasons_quoting_peer_data_are_clipped():
 def test_session_one_read_of_many_stanzas_is_one_send_up_to_the_first_refused():
     s = session()
     up(s)
+    s.backend_data(b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                   b"xmlns:db='jabber:server:dialback' id='x'>")
     s.peer_data(db_result())
     s.verdict(PEER, LOCAL, True, "ok")
-    s.backend_data(b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
-                   b"xmlns:db='jabber:server:dialback' id='x'>"
-                   b"<db:result from='b.example' to='a.example' type='valid'/>")
+    s.backend_data(b"<db:result from='b.example' to='a.example' type='valid'/>")
     stanzas = [MESSAGE.replace(b"hi", b"hi %d" % i) for i in range(3000)]
     # Whitespace between stanzas is not relayed; every stanza is, in order, in one send.
     assert s.peer_data(b"\n".join(stanzas)) == [SendToBackend(b"".join(stanzas))]

@@ -216,11 +216,7 @@ def test_ejabberd_backend_verifies_a_proxy_key_with_no_connection_to_the_peer(
 # The dialback fallback with a real peer: a Prosody peer that does not trust the proxy's
 # certificate offers no EXTERNAL, so the proxy authenticates L with its own dialback key and
 # the peer checks it with L's authoritative server -- the proxy's inbound side, which must
-# answer keys the proxy minted (helper `inauth`'s inbound local answers, issue 12).  Until that
-# is on main, the inbound side passes the check to the backend, which does not know the key:
-# the peer answers invalid and the message bounces.  strict: an XPASS fails, so the marker
-# goes as soon as it works.
-@pytest.mark.xfail(strict=True, reason="needs the inbound side's local answers to the proxy's keys (inauth)")
+# answer keys the proxy minted (the inbound side's local answers, proxy/inbound_pairs.py).
 def test_prosody_backend_delivers_to_a_dialback_only_prosody_peer(prosody_factory, dns_env, ca_file, tmp_path):
     with ExitStack() as stack:
         local, proxy, backend = _prosody_site(stack, tmp_path, dns_env, ca_file, prosody_factory)

@@ -157,6 +157,7 @@ class InboundConnection:
         self.outcome = "internal-error"
         self.verdicts: list[tuple[str, object]] = []   # (domain, Verdict) in order
         self._peer_activity = trio.Event()   # set (and replaced) whenever the peer sends bytes
+        self._grace_watching = False          # ... once _grace watches it (not per read before)
         self._watched: list[object] = []   # proxy.reverify handles of accepted domains
 
     async def run(self) -> None:
@@ -235,22 +236,25 @@ class InboundConnection:
         while self.session.reading_peer:
             try:
                 # limits.idle_timeout (0 = off) once a pair is authenticated; before that the
-                # handshake deadline around this loop bounds every read.
-                with trio.CancelScope() as wait:
-                    self._idle_scope = wait
-                    if idle > 0 and self.session.authenticated:
-                        wait.deadline = trio.current_time() + idle
+                # handshake deadline around this loop bounds every read.  Off: no scope per read.
+                if idle > 0:
+                    with trio.CancelScope() as wait:
+                        self._idle_scope = wait
+                        if self.session.authenticated:
+                            wait.deadline = trio.current_time() + idle
+                        data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
+                    if wait.cancelled_caught:
+                        await self._perform(self.session.idle_timed_out(idle))
+                        continue
+                else:
                     data = await self.peer_stream.receive_some(_RECEIVE_SIZE)
-                if wait.cancelled_caught:
-                    await self._perform(self.session.idle_timed_out(idle))
-                    continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.peer_eof(str(exc)))
                 return
             except StreamError as exc:   # a framing transport (proxy.websocket) judged the peer
                 await self._perform(self.session.peer_error(exc.condition, exc.text))
                 continue
-            if data:
+            if data and self._grace_watching:
                 self._peer_activity.set()
                 self._peer_activity = trio.Event()
             if self.metrics is not None and data and self.session.negotiated:
@@ -333,6 +337,7 @@ class InboundConnection:
 
     async def _grace(self, action: PeerGrace) -> None:
         """`PeerGrace`: wait until the peer is quiet for `action.quiet` s (or `limit` is up)."""
+        self._grace_watching = True
         with trio.move_on_after(action.limit):
             if action.quiet is None:
                 await trio.sleep_forever()

@@ -149,6 +149,7 @@ class Metrics:
         self.relayed_bytes = Counter(
             f"{PREFIX}_relayed_bytes", "Bytes relayed, by stream direction and the side that "
             "sent them.", ["direction", "source"], registry=r)
+        self._relayed_children: dict[tuple[str, str], object] = {}   # counted per read: no labels() each time
         self.reloads = Counter(
             f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"], registry=r)
         self.reload_ok = Gauge(
@@ -247,7 +248,11 @@ class Metrics:
 
     def relayed(self, direction: str, source: str, nbytes: int) -> None:
         """Bytes relayed on a `direction` stream that `source` ("peer"/"backend") sent."""
-        self.relayed_bytes.labels(_bounded(direction, DIRECTIONS), _bounded(source, RELAY_SOURCES)).inc(nbytes)
+        key = (_bounded(direction, DIRECTIONS), _bounded(source, RELAY_SOURCES))
+        child = self._relayed_children.get(key)
+        if child is None:
+            child = self._relayed_children[key] = self.relayed_bytes.labels(*key)
+        child.inc(nbytes)
 
     def reload_result(self, ok: bool, when: float | None = None) -> None:
         self.reloads.labels("success" if ok else "failure").inc()

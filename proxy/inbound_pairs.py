@@ -14,6 +14,9 @@
   peer's stanzas of that pair are held until the backend confirms.
 * Stanzas pass only for a pair the backend confirmed (`invalid-from` otherwise).
 
+`verdict()` (the shell's answer to `CheckDialback`, for a `<db:result>` and an `<auth/>` alike)
+and the peer parser's SASL stop-and-resume live here too.
+
 `DomainPairs` is a mixin: it works on the session's state and uses its plumbing (`_out`,
 `_error`, `_end_backend_stream`, `_undeliverable`, the peer parser) -- the split is by idea,
 so that the stream's life (`proxy.inbound_session`) and how pairs are authenticated on it
@@ -28,13 +31,13 @@ from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from policy.pkix_names import normalise_domain
 from proxy.bounce import error_reply, needs_error_reply
 from proxy.gate import describe
-from proxy.inbound_actions import Authenticated, CheckDialback, Note, SendToBackend, SendToPeer
+from proxy.inbound_actions import Action, Authenticated, CheckDialback, Note, SendToBackend, SendToPeer
 from proxy.inbound_auth import (
-    BACKEND_REFUSED_KEY, MAX_SASL_FAILURES, certificate_proved, external_identity, local_verify_answer,
+    BACKEND_REFUSED_KEY, MAX_SASL_FAILURES, certificate_proved, external_identity, is_sasl_auth, local_verify_answer,
     proxy_db_result,
 )
 from proxy.s2s_auth import SaslError, dialback_error, failure, success
-from proxy.xmlstream import NS_DIALBACK, Element, Node, StreamOpened, stream_header
+from proxy.xmlstream import NS_DIALBACK, Element, Node, StreamOpened, XmlStreamParser, stream_header
 
 # Metronome closes a stream after 10 dialback failures; a peer that keeps asserting domains
 # it cannot prove is probing, and each attempt costs DNS lookups.
@@ -81,6 +84,63 @@ def describe_element(element: Node) -> str:
 
 class DomainPairs:
     """The domain-pair steps of `InboundSession` (see the module docstring)."""
+
+    # ------------------------------------------------------------------ verdicts
+
+    def verdict(self, sender: str, target: str, accepted: bool, reason: str,
+                prooftype: str | None = None) -> list[Action]:
+        """The answer to `CheckDialback(sender, target)`: the verdict's accept/reject, its
+        reason and, when accepted, its prooftype (DESIGN §2.5)."""
+        waiting = self._waiting
+        if not isinstance(waiting, CheckDialback) or (waiting.sender, waiting.target) != (sender, target):
+            return []
+        element, self._pending_result, self._waiting = self._pending_result, None, None
+        pair = (sender, target)
+        if is_sasl_auth(element):
+            self._sasl_verdict(pair, accepted, reason, prooftype)
+        elif accepted:
+            self.accepted.add(pair)
+            self.prooftypes[pair] = prooftype
+            self.rejected.pop(pair, None)
+            if not self._backend_closed_sent:   # the peer may have ended meanwhile
+                self._out.append(SendToBackend(self._result_for_backend(element, pair)))
+        else:
+            self.rejected[pair] = reason
+            self._reject_dialback(sender, target, reason)
+        if self.closed:
+            return self._take()
+        return self._drain()
+
+    def _confirmed(self, pair: tuple[str, str]) -> None:
+        """The backend confirmed `pair`.  The first confirmation ends the handshake (DESIGN
+        §3.1 Deadlines) -- unless the peer has yet to restart after SASL, which the handshake
+        deadline still bounds."""
+        self.authenticated.add(pair)
+        if not self._handshake_over and not self.sasl.awaiting_restart:
+            self._handshake_over = True
+            self._out.append(Authenticated())
+
+    def _new_peer_parser(self) -> XmlStreamParser:
+        """A parser for the peer's stream after TLS.  While EXTERNAL may still be negotiated it
+        stops after an `<auth/>`: what follows belongs to a new stream if it succeeds (RFC 6120
+        §6.4.6), to this one if not (`_resume_peer_stream`)."""
+        stop = is_sasl_auth if self.sasl.offerable and self.sasl.pair is None else None
+        return XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes, stop_after=stop)
+
+    def _resume_peer_stream(self) -> None:
+        """Go on parsing the peer's stream after an `<auth/>` that did not succeed: a fresh
+        parser given the peer's header again (for its namespace declarations, its event
+        dropped) and the bytes that followed the `<auth/>`.  (A parser that did not stop --
+        no EXTERNAL offered -- simply goes on.)"""
+        if self._peer_parser.state != "stopped":
+            return
+        trailing = self._peer_parser.trailing
+        self._peer_parser = self._new_peer_parser()
+        assert self._peer_header is not None
+        events = self._peer_parser.feed(self._peer_header.raw + trailing)
+        self._queue.extendleft(reversed([e for e in events if not isinstance(e, StreamOpened)]))
+
+    # ------------------------------------------------------------------ dialback
 
     def _on_dialback_result(self, el: Element) -> None:
         sender, target = el.attrs.get("from"), el.attrs.get("to")

@@ -45,7 +45,7 @@ from proxy.inbound_actions import (
     OUTCOMES, Action, Authenticated, CheckDialback, Close, ConnectBackend, Negotiated, PeerDone, PeerGrace,
     Note, SendToBackend, SendToPeer, StartTls,
 )
-from proxy.inbound_auth import BACKEND_REFUSED_KEY, ExternalAuth, is_sasl_auth
+from proxy.inbound_auth import BACKEND_REFUSED_KEY, ExternalAuth
 from proxy.inbound_pairs import MAX_DIALBACK_REJECTIONS, DomainPairs, clip, describe_element, jid_domain, local_reading
 from proxy.s2s_auth import NS_SASL, dialback_error
 from proxy.tls import TlsInfo
@@ -142,6 +142,7 @@ class InboundSession(DomainPairs):
         self._end_after_release = False  # the peer ended while stanzas were held for the backend
         self._handshake_over = False     # `Authenticated` was announced
         self._peer_bound: list[bytes] | None = None   # backend bytes for the peer while it restarts
+        self._peer_bound_bytes = 0
         self.backend_stream_id: str | None = None
         self._peer_parser = XmlStreamParser(max_stanza_bytes=max_stanza_bytes, stop_after=self._is_starttls)
         self._backend_parser: XmlStreamParser | None = None
@@ -179,26 +180,6 @@ class InboundSession(DomainPairs):
     @staticmethod
     def _is_starttls(element: Element) -> bool:
         return element.name == "starttls" and element.ns == NS_TLS
-
-    def _new_peer_parser(self) -> XmlStreamParser:
-        """A parser for the peer's stream after TLS.  While EXTERNAL may still be negotiated it
-        stops after an `<auth/>`: what follows belongs to a new stream if it succeeds (RFC 6120
-        §6.4.6), to this one if not (`_resume_peer_stream`)."""
-        stop = is_sasl_auth if self.sasl.offerable and self.sasl.pair is None else None
-        return XmlStreamParser(max_stanza_bytes=self.max_stanza_bytes, stop_after=stop)
-
-    def _resume_peer_stream(self) -> None:
-        """Go on parsing the peer's stream after an `<auth/>` that did not succeed: a fresh
-        parser given the peer's header again (for its namespace declarations, its event
-        dropped) and the bytes that followed the `<auth/>`.  (A parser that did not stop --
-        no EXTERNAL offered -- simply goes on.)"""
-        if self._peer_parser.state != "stopped":
-            return
-        trailing = self._peer_parser.trailing
-        self._peer_parser = self._new_peer_parser()
-        assert self._peer_header is not None
-        events = self._peer_parser.feed(self._peer_header.raw + trailing)
-        self._queue.extendleft(reversed([e for e in events if not isinstance(e, StreamOpened)]))
 
     @property
     def backend_answered(self) -> bool:
@@ -450,30 +431,6 @@ class InboundSession(DomainPairs):
             self.undeliverable += 1
 
     # ------------------------------------------------------------------ inputs: verdicts, time
-
-    def verdict(self, sender: str, target: str, accepted: bool, reason: str,
-                prooftype: str | None = None) -> list[Action]:
-        """The answer to `CheckDialback(sender, target)`: the verdict's accept/reject, its
-        reason and, when accepted, its prooftype (DESIGN §2.5)."""
-        waiting = self._waiting
-        if not isinstance(waiting, CheckDialback) or (waiting.sender, waiting.target) != (sender, target):
-            return []
-        element, self._pending_result, self._waiting = self._pending_result, None, None
-        pair = (sender, target)
-        if is_sasl_auth(element):
-            self._sasl_verdict(pair, accepted, reason, prooftype)
-        elif accepted:
-            self.accepted.add(pair)
-            self.prooftypes[pair] = prooftype
-            self.rejected.pop(pair, None)
-            if not self._backend_closed_sent:   # the peer may have ended meanwhile
-                self._out.append(SendToBackend(self._result_for_backend(element, pair)))
-        else:
-            self.rejected[pair] = reason
-            self._reject_dialback(sender, target, reason)
-        if self.closed:
-            return self._take()
-        return self._drain()
 
     def timed_out(self, seconds: float) -> list[Action]:
         """The handshake timeout expired (normally before the stream was negotiated)."""
@@ -743,22 +700,20 @@ class InboundSession(DomainPairs):
                 self._confirmed(pair)
         self._to_peer(el.raw)
 
-    def _confirmed(self, pair: tuple[str, str]) -> None:
-        """The backend confirmed `pair`.  The first confirmation ends the handshake (DESIGN
-        §3.1 Deadlines) -- unless the peer has yet to restart after SASL, which the handshake
-        deadline still bounds."""
-        self.authenticated.add(pair)
-        if not self._handshake_over and not self.sasl.awaiting_restart:
-            self._handshake_over = True
-            self._out.append(Authenticated())
-
     def _to_peer(self, data: bytes) -> None:
         """Backend bytes for the peer; held while the peer restarts its stream after SASL
-        (they must follow our new stream header, RFC 6120 §6.4.6)."""
-        if self._peer_bound is not None:
-            self._peer_bound.append(data)
-        else:
+        (they must follow our new stream header, RFC 6120 §6.4.6).  On an inbound stream the
+        backend only answers (dialback results, XEP-0198, errors): a few hundred bytes in a
+        restart's round trip, so over BACKEND_MAX_ELEMENT_BYTES something is wrong."""
+        if self._peer_bound is None:
             self._out.append(SendToPeer(data))
+            return
+        self._peer_bound.append(data)
+        self._peer_bound_bytes += len(data)
+        if self._peer_bound_bytes > self.backend_max_element_bytes:
+            self._end_backend_stream()
+            self._error("internal-server-error", f"{self.describe_backend} sent over {self.backend_max_element_bytes} "
+                                                 "bytes while the peer restarted its stream after SASL")
 
     # ------------------------------------------------------------------ endings
 

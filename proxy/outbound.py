@@ -286,6 +286,7 @@ class _Run:
     async def _close_after_timeout(self) -> None:
         # RFC 6120 §4.4: the side that closed waits a while for the other's close.
         await trio.sleep(self.ctx.close_timeout)
+        self.session.lost("ok")     # one side ended politely; the other did not answer in time
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 

@@ -80,6 +80,12 @@ _FEATURES = (f"<stream:features><dialback xmlns='{NS_DIALBACK_FEATURE}'><errors/
              f"</stream:features>").encode()
 
 
+# Stream-error conditions without a metrics series of their own (proxy/metrics.py
+# CONNECTION_OUTCOMES) are counted with the nearest one: the backend broke a rule.
+_OUTCOME_OF = {"unsupported-stanza-type": "policy-violation", "improper-addressing": "policy-violation",
+               "bad-format": "policy-violation", "invalid-namespace": "policy-violation"}
+
+
 def jid_domain(jid: str) -> str:
     """The domain part of a JID (RFC 7622 §3.2), normalised; "" for an empty JID."""
     bare = jid.split("/", 1)[0]
@@ -528,7 +534,7 @@ class OutboundSession:
         """A stream error to the backend, the peer's stream (if any) closed politely, the end."""
         self._to_backend_error(out, condition, text)
         self._close_peer(out)
-        self._finish(out, condition)
+        self._finish(out, _OUTCOME_OF.get(condition, condition))
 
     def _to_backend_error(self, out: Output, condition: str, text: str) -> None:
         self.reason = text

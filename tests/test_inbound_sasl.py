@@ -450,3 +450,19 @@ def test_session_without_sasl_external_relays_the_peers_key_and_offers_nothing()
     s.peer_data(result)
     out = s.verdict(PEER, LOCAL, True, "test", "dane-ee")
     assert sent(out, SendToBackend) == result
+
+
+def test_session_backend_flooding_the_peer_during_its_restart_is_bounded():
+    from proxy.inbound_session import Close, SendToPeer
+
+    s = sasl_session()
+    answer = b"<db:result from='b.example' to='c.example' type='invalid'/>"
+    out = []
+    for _ in range(s.backend_max_element_bytes // len(answer) + 1):
+        out = s.backend_data(answer)
+        if out:
+            break
+    assert isinstance(out[-1], Close) and out[-1].condition == "internal-server-error"
+    # The peer gets our (new) stream header before the error, and none of the held bytes.
+    data = sent(out, SendToPeer)
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream") and answer not in data

@@ -261,6 +261,8 @@ class InboundConnection:
                 self.metrics.relayed("inbound", "peer", len(data))
             await self._perform(self.session.peer_data(data) if data else self.session.peer_eof())
             self.session.release_idle()
+            if isinstance(self.peer_stream, TlsStream):
+                self.peer_stream.release_idle()
 
     async def _read_backend(self) -> None:
         assert self.backend is not None

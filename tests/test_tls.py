@@ -405,6 +405,47 @@ def test_concurrent_bulk_transfer_both_ways_and_close_notify(pki, version):
     trio.run(main)
 
 
+def test_a_fresh_incoming_bio_after_large_reads_loses_nothing(pki):
+    """Issue 13 (memory per idle stream): after a large read, once OpenSSL has taken all of
+    it, `release_idle` replaces the incoming memory BIO; bytes keep flowing both ways, byte
+    exact, whether it was replaced or (part of a record still waiting) not."""
+    from proxy import tls as tls_module
+
+    async def main():
+        sa, sb = trio.socket.socketpair()
+        server = TlsStream(trio.SocketStream(sa), server_context(pki["b"].cert, pki["b"].key), server_side=True)
+        client = TlsStream(trio.SocketStream(sb), client_context(), server_side=False)
+        replaced, kept = 0, 0
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                n.start_soon(server.do_handshake)
+                n.start_soon(client.do_handshake)
+            assert server.release_idle() is False          # nothing large read yet
+            for round_ in range(30):
+                payload = bytes([round_]) * (40_000 + 997 * round_)
+                got = bytearray()
+                async with trio.open_nursery() as n:
+                    n.start_soon(client.send_all, payload)
+                    while len(got) < len(payload):
+                        got += await server.receive_some(8192 if round_ % 3 == 0 else None)
+                        before = server._conn._into_ssl
+                        if server.release_idle():
+                            replaced += 1
+                            assert server._conn._into_ssl != before
+                        else:
+                            kept += 1
+                assert bytes(got) == payload, round_
+                await server.send_all(b"ack %d" % round_)
+                assert await client.receive_some() == b"ack %d" % round_
+            await client.aclose()
+            assert await server.receive_some() == b""      # close_notify still arrives
+        assert replaced > 0 and kept > 0, (replaced, kept)
+
+    if tls_module._ffi is None:
+        pytest.skip("this pyOpenSSL has no _into_ssl / BIO_get_mem_data")
+    trio.run(main)
+
+
 def test_a_writer_stalled_on_a_slow_peer_does_not_block_the_reader(pki):
     """Relaying both ways at once: our send to a peer that does not read must not stop us
     from reading what that peer sends (or both sides could stall)."""

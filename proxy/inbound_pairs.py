@@ -98,6 +98,17 @@ class DomainPairs:
         pair = (sender, target)
         if is_sasl_auth(element):
             self._sasl_verdict(pair, accepted, reason, prooftype)
+        elif accepted and self.sasl.pair is not None and not certificate_proved(prooftype):
+            # After SASL the peer's stream carries the proxy's id, not the backend's (RFC 6120
+            # §4.7.3: every stream gets a new id), and a dialback key is bound to the id the
+            # peer saw (XEP-0185 §3).  Where dialback itself is the proof (prooftype `tls`)
+            # the backend would check that key against its own id and answer invalid: say why
+            # here instead, so the peer can open a stream of its own for this domain.
+            reason = (f"{sender} is proved by dialback alone (prooftype {prooftype}), and after SASL "
+                      f"this stream's id is the proxy's, not the backend's, so the backend cannot check "
+                      f"the key: open a new stream for {sender}")
+            self.rejected[pair] = reason
+            self._reject_dialback(sender, target, reason)
         elif accepted:
             self.accepted.add(pair)
             self.prooftypes[pair] = prooftype

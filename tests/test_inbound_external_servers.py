@@ -18,38 +18,21 @@ from contextlib import ExitStack
 
 import pytest
 
-from ejabberdenv import EjabberdHost, ejabberd_factory  # noqa: F401 (fixture)
+from ejabberdenv import ejabberd_factory  # noqa: F401 (fixture)
 from prosodyenv import prosody_factory  # noqa: F401 (fixture)
-from test_ejabberd_outbound import (  # noqa: F401 (fixtures)
-    PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, _peer_domain, _site, ca_file, module_dir, send_for_bounce,
-)
-from test_outbound_external import _prosody_site
+from test_ejabberd_outbound import PASSWORD, TIMEOUT, USER, ca_file, module_dir, send_for_bounce  # noqa: F401
+
+from test_outbound_external import _external_only_peer, _site_of
 from xmppclient import deliver_message
-
-
-def _external_only_peer(ejabberd_factory, dns_env, ca_file, local: str, matching: bool):
-    """An ejabberd peer without dialback whose way to `local` is the proxy's inbound side
-    (ejabberd 23.01 resolves addresses through the C library: its private /etc/hosts)."""
-    name, cert, port = _peer_domain(dns_env, matching=matching)
-    peer = ejabberd_factory([EjabberdHost(name, cert=cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
-                            s2s_port=port, ca_file=ca_file, nameserver=dns_env.resolver_address, dialback=False,
-                            etc_hosts={f"xmpp.{local}": PROXY_IP})
-    return name, peer
-
-
-def _backend_site(kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory, prosody_factory, module_dir):
-    if kind == "prosody":
-        return _prosody_site(stack, tmp_path, dns_env, ca_file, prosody_factory)
-    return _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
 
 
 @pytest.mark.parametrize("backend_kind", ["prosody", "ejabberd"])
 def test_external_only_ejabberd_peer_delivers_through_the_proxys_sasl(
         ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, backend_kind):
     with ExitStack() as stack:
-        local, proxy, backend = _backend_site(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
+        local, proxy, backend = _site_of(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
                                               prosody_factory, module_dir)
-        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, local, matching=True)
+        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, matching=True, local=local)
 
         got = deliver_message(peer.account(f"{USER}@{name}", PASSWORD), backend.account(f"{USER}@{local}", PASSWORD),
                               "external only, inbound", timeout=TIMEOUT)
@@ -75,9 +58,9 @@ def test_external_only_ejabberd_peer_delivers_through_the_proxys_sasl(
 def test_mismatching_external_only_peer_gets_a_failure_and_the_backend_nothing(
         ejabberd_factory, prosody_factory, dns_env, ca_file, module_dir, tmp_path, backend_kind):
     with ExitStack() as stack:
-        local, proxy, backend = _backend_site(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
+        local, proxy, backend = _site_of(backend_kind, stack, tmp_path, dns_env, ca_file, ejabberd_factory,
                                               prosody_factory, module_dir)
-        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, local, matching=False)
+        name, peer = _external_only_peer(ejabberd_factory, dns_env, ca_file, matching=False, local=local)
 
         bounce = send_for_bounce(peer.account(f"{USER}@{name}", PASSWORD), f"{USER}@{local}", "must not arrive")
         assert bounce is not None, "no bounce\n" + proxy.log.text()

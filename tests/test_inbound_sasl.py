@@ -466,3 +466,27 @@ def test_session_backend_flooding_the_peer_during_its_restart_is_bounded():
     # The peer gets our (new) stream header before the error, and none of the held bytes.
     data = sent(out, SendToPeer)
     assert data.startswith(b"<?xml version='1.0'?><stream:stream") and answer not in data
+
+
+def test_session_dialback_proof_alone_after_sasl_is_refused_with_the_reason():
+    """A second domain by dialback on the restarted stream: its key is bound to the proxy's
+    stream id, which the backend never issued.  Proved by certificate, the proxy's own key goes
+    to the backend (bound to the backend's id); proved by dialback alone (`tls`), it is
+    refused with the reason instead of an `invalid` from the backend."""
+    from proxy.inbound_session import SendToBackend, SendToPeer
+
+    s = sasl_session()
+    s.peer_data(IN_HEADER.replace(b"<?xml version='1.0'?>", b"").replace(b"version='1.0'>", b"version='1.0' "
+                b"xmlns:db='jabber:server:dialback'>"))
+    s.backend_data(VALID)
+    for other, prooftype, refused in (("c.example", "tls", True), ("d.example", "dane-ee", False)):
+        s.peer_data(f"<db:result from='{other}' to='{LOCAL}'>peer-key</db:result>".encode())
+        out = s.verdict(other, LOCAL, True, "test", prooftype)
+        to_backend, to_peer = sent(out, SendToBackend), sent(out, SendToPeer)
+        if refused:
+            assert to_backend == b"" and b"type='error'" in to_peer and b"open a new stream" in to_peer, out
+        else:
+            assert b"db:result" in to_backend and b"peer-key" not in to_backend and to_peer == b"", out
+            assert s.keys.is_ours(receiving=LOCAL, originating=other, stream_id="backend-stream-1",
+                                  key=to_backend.split(b">")[1].split(b"<")[0].decode())
+

@@ -60,10 +60,14 @@ def _prosody_site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, pros
     return local, proxy, backend
 
 
-def _external_only_peer(ejabberd_factory, dns_env, ca_file, matching: bool):
+def _external_only_peer(ejabberd_factory, dns_env, ca_file, matching: bool, local: str | None = None):
+    """An ejabberd peer without dialback (EXTERNAL only).  With `local`, its way to that domain
+    is the proxy's inbound side (ejabberd 23.01 resolves addresses through the C library: its
+    private /etc/hosts)."""
     name, cert, port = _peer_domain(dns_env, matching=matching)
     peer = ejabberd_factory([EjabberdHost(name, cert=cert, users={USER: PASSWORD})], mode="peer", address=PEER_IP,
-                            s2s_port=port, ca_file=ca_file, nameserver=dns_env.resolver_address, dialback=False)
+                            s2s_port=port, ca_file=ca_file, nameserver=dns_env.resolver_address, dialback=False,
+                            etc_hosts={f"xmpp.{local}": PROXY_IP} if local else {})
     return name, peer
 
 

@@ -95,13 +95,17 @@ class Peer:
     its own key (or of another key when `matching` is false)."""
 
     def __init__(self, stack: ExitStack, dns_env, ca_file: Path, kind: str, local: str, prosody_factory,
-                 ejabberd_factory, tmp_path: Path, *, matching: bool = True, dialback: bool = True) -> None:
+                 ejabberd_factory, tmp_path: Path, *, matching: bool = True, dialback: bool = True,
+                 reachable: bool = True) -> None:
         self.domain = dns_env.fresh(dns_env.secure, "peer")
         cert = CA.issue([self.domain])
         port = free_port(PEER_IP)
         self.relay = stack.enter_context(RecordingRelay((PEER_IP, port), listen_host=PEER_IP))
         tlsa = cert.cert if matching else self_signed([self.domain]).cert
-        dns_env.publish_xmpp(self.domain, f"xmpp.{self.domain}", self.relay.address[1], PEER_IP, tlsa, "3 1 1")
+        # Unreachable: its SRV names a port where nothing listens (the server itself still
+        # connects out, and is judged by its certificate and this TLSA).
+        published = self.relay.address[1] if reachable else free_port(PEER_IP)
+        dns_env.publish_xmpp(self.domain, f"xmpp.{self.domain}", published, PEER_IP, tlsa, "3 1 1")
         users = {USER: PASSWORD}
         if kind.startswith("prosody"):
             extra = {}
@@ -145,9 +149,11 @@ def test_the_backends_key_check_is_answered_by_the_proxy(prosody_factory, ejabbe
     the proxy (Prosody and ejabberd take the offer): the backend checks the key the proxy gave
     it, the proxy answers, and the peer's server gets no connection for it.  An ejabberd
     backend checks keys on a stream of their own, which the proxy answers without any
-    connection.  A Prosody backend first authenticates its own outgoing stream to the peer
-    (mod_s2s queues the `<db:verify>` until then), so it opens the one stream it would use for
-    its own traffic anyway: one connection, not the three of a relayed dialback."""
+    connection.  A Prosody backend uses its one outgoing stream to the peer for both: contrib's
+    module sends the key check as soon as the proxy's features arrive (mod_s2s would queue it
+    until Prosody's own dialback succeeded), and Prosody's own authentication of that stream
+    may open the stream to the peer it uses for its own traffic -- one connection at most, not
+    the two or three of a relayed dialback."""
     with ExitStack() as stack:
         site, peer = _world(stack, tmp_path, dns_env, ca_file, backend_kind, peer_kind, prosody_factory,
                             ejabberd_factory, module_dir)
@@ -172,4 +178,25 @@ def test_the_backends_key_check_is_answered_by_the_proxy(prosody_factory, ejabbe
         if peer_kind == "prosody-dialback":
             peer.server.wait_for_log(r"sent dialback key on outgoing s2s stream")
             assert "Initiating SASL EXTERNAL" not in peer.server.log_text()
-        assert peer.connections() == (0 if backend_kind == "ejabberd" else 1), peer.relay.snapshot()
+        # ejabberd: none.  Prosody: at most its own outgoing stream, started in parallel on the
+        # same features and used for its own traffic; the key check never waits for it (the
+        # unreachable-peer test below).
+        assert peer.connections() <= (0 if backend_kind == "ejabberd" else 1), peer.relay.snapshot()
+
+
+@pytest.mark.parametrize("peer_kind", ["prosody-dialback", "prosody"])
+def test_a_peer_we_cannot_reach_still_delivers_to_a_prosody_backend(prosody_factory, ejabberd_factory, module_dir,
+                                                                     dns_env, ca_file, tmp_path, peer_kind):
+    """The issue's case: the peer's certificate proved its domain, but its server cannot be
+    reached from here.  The backend's key check must not depend on reaching it: Prosody's own
+    outgoing stream to the peer fails, yet contrib's module sends the queued `<db:verify>` as
+    soon as the proxy's features arrive and the proxy answers it, so the message is delivered."""
+    with ExitStack() as stack:
+        site, peer = _world(stack, tmp_path, dns_env, ca_file, "prosody", peer_kind, prosody_factory,
+                            ejabberd_factory, module_dir, reachable=False)
+        got = deliver_message(peer.server.account(f"{USER}@{peer.domain}", PASSWORD),
+                              site.backend.account(f"{USER}@{site.domain}", PASSWORD), "unreachable yet delivered",
+                              timeout=TIMEOUT)
+        assert got.get("from") == f"{USER}@{peer.domain}/sender"
+        site.backend.wait_for_log(r"sending a queued dialback key check ahead of authentication")
+

@@ -6,8 +6,9 @@
 --     s2s_dane_proxy = "127.0.0.1:15269"      -- the proxy's outbound.listen
 --
 -- and the proxy finds the peer through DNSSEC, does STARTTLS or Direct TLS, authenticates the
--- peer with DANE or PKIX, and relays the stream.  Prosody still authenticates itself to the
--- peer with Server Dialback, as it does today.  See README.md next to this file.
+-- peer with DANE or PKIX, and authenticates Prosody's domain to the peer on its behalf (the
+-- proxy answers Prosody's stream and its Server Dialback itself).  See README.md next to this
+-- file.
 --
 -- How: Prosody 0.12 has no event between "outgoing session created" and "resolver built"
 -- (`s2sout-created` fires first; there is no `s2sout-pre-connect`).  mod_s2s builds the
@@ -69,6 +70,32 @@ end
 
 service.new = routed_new;
 module:log("info", "Outgoing s2s connections are routed to the DANE proxy at %s", option);
+
+-- Key checks go out at once.  Prosody 0.12 queues a <db:verify> for a new outgoing stream in
+-- its sendq until that stream is authenticated (mod_s2s route_to_new_session / mark_connected),
+-- so checking an incoming peer's key would wait for -- and fail with -- Prosody's own stream
+-- to that peer.  Behind the proxy that is needless: the proxy answers keys it minted itself
+-- (DESIGN §3.3) and asks the peer about any other, on an unauthenticated stream as XEP-0220
+-- §2.3 allows (mod_s2s itself sends <db:verify> there once a dialback key is out).  So when
+-- the (proxy's) features arrive, queued key checks are sent before anything else; stanzas stay
+-- queued until the stream is authenticated.  Priority 110: before mod_dialback (100) starts
+-- Prosody's own dialback on the same features.
+function module.add_host(host_module)
+	host_module:hook_tag("http://etherx.jabber.org/streams", "features", function (session)
+		local sendq = session.sendq;
+		if session.type ~= "s2sout_unauthed" or not sendq then return; end
+		local keep = {};
+		for _, item in ipairs(sendq) do
+			if item[1]:match("^<db:verify[%s>]") then
+				session.log("debug", "sending a queued dialback key check ahead of authentication (s2s_dane_proxy)");
+				session.sends2s(item[1]);
+			else
+				keep[#keep + 1] = item;
+			end
+		end
+		session.sendq = #keep > 0 and keep or nil;
+	end, 110);
+end
 
 function module.unload()
 	-- Restore only if nobody replaced it after us.

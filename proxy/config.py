@@ -330,6 +330,14 @@ def config_and_errors(doc: TomlDocument) -> tuple[Config, list[str]]:
                 errors.append(f"{doc.where(key, name)}: {name}.{key} {exc}")
         sections[name] = cls(**kwargs)
     domains = _domains(doc, base, errors)
+    inbound, outbound = sections.get("inbound", InboundConfig()), sections.get("outbound", OutboundConfig())
+    if inbound.sasl_external and not outbound.listen:
+        # DESIGN §3.3: the backend checks the proxy's dialback keys through its outbound S2S,
+        # which only this proxy's outbound side (same secret) can answer.
+        errors.append(f"{doc.where('sasl_external', 'inbound')}: inbound.sasl_external = true needs "
+                      f"outbound.listen: the backend checks the keys the proxy gives it through its outbound "
+                      f"S2S, which only this proxy's outbound side can answer (peers would be refused); "
+                      f"set outbound.listen or remove sasl_external")
     pol = sections.get("policy", PolicyConfig())
     sections["policy"] = PolicyConfig(
         dir=str(base / pol.dir) if pol.dir else "",

@@ -133,6 +133,31 @@ def test_config_errors_name_file_and_line(tmp_path):
     assert len(info.value.messages) == 4
 
 
+def test_sasl_external_follows_outbound_and_needs_it(tmp_path):
+    """Unset, `inbound.sasl_external` is on exactly when `outbound.listen` is set (the backend's
+    checks of the proxy's keys come back through it); set true without it, the file is wrong."""
+    from proxy.config import InboundConfig
+
+    assert load_config(write(tmp_path, "a.toml", CONFIG)).inbound.offers_external(
+        load_config(write(tmp_path, "a.toml", CONFIG)).outbound) is False
+    with_outbound = CONFIG.replace("[outbound]\nlisten = []", '[outbound]\nlisten = ["127.0.0.1:15269"]')
+    cfg = load_config(write(tmp_path, "b.toml", with_outbound))
+    assert cfg.inbound.sasl_external is None and cfg.inbound.offers_external(cfg.outbound) is True
+    off = with_outbound.replace('backend = "unix:/run/prosody/s2s.sock"',
+                                'backend = "unix:/run/prosody/s2s.sock"\nsasl_external = false')
+    cfg = load_config(write(tmp_path, "c.toml", off))
+    assert cfg.inbound.offers_external(cfg.outbound) is False
+    bad = CONFIG.replace('backend = "unix:/run/prosody/s2s.sock"',
+                         'backend = "unix:/run/prosody/s2s.sock"\nsasl_external = true')
+    path = write(tmp_path, "d.toml", bad)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    line = next(i for i, text in enumerate(bad.splitlines(), 1) if "sasl_external" in text)
+    (message,) = info.value.messages
+    assert message.startswith(f"{path}:{line}: inbound.sasl_external = true needs outbound.listen"), message
+    assert InboundConfig().sasl_external is None
+
+
 def test_check_config_command(cli, tmp_path):
     issued = TestCA().issue(["example.org"])
     issued.write(tmp_path, "example.org")

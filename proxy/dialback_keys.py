@@ -21,6 +21,9 @@ import hashlib
 import hmac
 import secrets
 
+from proxy.s2s_auth import db_verify_answer, element_text
+from proxy.xmlstream import Element
+
 # XEP-0185 uses SHA-256 for both steps; 32 bytes is its output size and the key space of the
 # HMAC key, so more secret would add nothing.
 SECRET_BYTES = 32
@@ -46,6 +49,16 @@ class DialbackKeys:
         if not stream_id or len(key) != 64:
             return False
         return hmac.compare_digest(self.mint(receiving, originating, stream_id), key)
+
+    def answer(self, verify: Element, sender: str, target: str) -> bytes | None:
+        """XEP-0220 §2.1.2: the answer to `<db:verify from=sender to=target id=…>KEY` (domains
+        in their one reading) when KEY is one minted here for `target` authenticating to
+        `sender` on that stream, else None (the question is for someone else).  Both
+        directions answer their side's verifications of the proxy's keys with it."""
+        stream_id = verify.attrs.get("id", "")
+        if not self.is_ours(receiving=sender, originating=target, stream_id=stream_id, key=element_text(verify)):
+            return None
+        return db_verify_answer(sender, target, stream_id, True)
 
 
 def new_secret() -> bytes:

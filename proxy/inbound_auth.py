@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from policy.domain_reading import DomainReadingError, read_domain
 from proxy.dialback_keys import DialbackKeys
 from proxy.s2s_auth import (
-    EXTERNAL, NS_SASL, SaslError, db_result, db_verify_answer, element_text, mechanisms_feature, read_auth,
+    EXTERNAL, NS_SASL, SaslError, db_result, mechanisms_feature, read_auth,
 )
 from proxy.xmlstream import Element
 
@@ -119,16 +119,6 @@ def proxy_db_result(keys: DialbackKeys, sender: str, target: str, backend_stream
     return db_result(sender, target, key)
 
 
-def local_verify_answer(keys: DialbackKeys, verify: Element, sender: str, target: str) -> bytes | None:
-    """XEP-0220 §2.1.2: the answer to a peer's `<db:verify from=sender to=target id=…>KEY`
-    when KEY is one the proxy minted for `target` authenticating to `sender` on that stream
-    (the outbound side presented it on the proxy's behalf), else None (relay it)."""
-    stream_id = verify.attrs.get("id", "")
-    if not keys.is_ours(receiving=sender, originating=target, stream_id=stream_id, key=element_text(verify)):
-        return None
-    return db_verify_answer(sender, target, stream_id, True)
-
-
 @dataclass
 class ExternalAuth:
     """One inbound stream's SASL EXTERNAL, the proxy's side (RFC 6120 §6, XEP-0178).
@@ -179,6 +169,6 @@ class ExternalAuth:
 
 __all__ = [
     "BACKEND_REFUSED_KEY", "ExternalAuth", "MAX_HELD_BYTES", "MAX_HELD_STANZAS", "MAX_SASL_FAILURES",
-    "certificate_proved", "external_identity", "is_sasl_auth", "local_verify_answer", "proxy_db_result",
+    "certificate_proved", "external_identity", "is_sasl_auth", "proxy_db_result",
     "with_mechanisms",
 ]

@@ -7,7 +7,7 @@
   outbound goes through the proxy (`inbound.sasl_external`), which then answers the backend's
   check of that key itself (XEP-0344 §2: the reverse connection would prove nothing more).
 * `<db:verify>` (the peer checking a key): answered by the proxy when it is a key the proxy's
-  outbound side minted (`proxy.inbound_auth.local_verify_answer`), relayed otherwise.
+  outbound side minted (`proxy.dialback_keys.DialbackKeys.answer`), relayed otherwise.
 * SASL EXTERNAL (RFC 6120 §6, XEP-0178): offered after TLS with a client certificate, judged
   exactly as a `<db:result>` for the asserted domain; on `<success/>` the peer restarts its
   stream, the proxy asserts the pair to the backend by dialback with its own key, and the
@@ -33,8 +33,7 @@ from proxy.bounce import error_reply, needs_error_reply
 from proxy.gate import describe
 from proxy.inbound_actions import Action, Authenticated, CheckDialback, Note, SendToBackend, SendToPeer
 from proxy.inbound_auth import (
-    BACKEND_REFUSED_KEY, MAX_SASL_FAILURES, certificate_proved, external_identity, is_sasl_auth, local_verify_answer,
-    proxy_db_result,
+    BACKEND_REFUSED_KEY, MAX_SASL_FAILURES, certificate_proved, external_identity, is_sasl_auth, proxy_db_result,
 )
 from proxy.s2s_auth import SaslError, dialback_error, failure, success
 from proxy.xmlstream import NS_DIALBACK, Element, Node, StreamOpened, XmlStreamParser, stream_header
@@ -229,7 +228,7 @@ class DomainPairs:
             return
         # DESIGN §3.3: a key the proxy's outbound side minted for our domain on a stream to
         # this peer is answered here; the backend never saw it and could not.
-        answer = local_verify_answer(self.keys, el, *readings) if self.keys is not None else None
+        answer = self.keys.answer(el, *readings) if self.keys is not None else None
         if answer is not None:
             self._out.append(SendToPeer(answer))
             return

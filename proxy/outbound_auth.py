@@ -49,7 +49,7 @@ from proxy.s2s_auth import (
     dialback_error_reason, element_text, offered_mechanisms,
 )
 from proxy.xmlstream import (
-    DEFAULT_MAX_STANZA_BYTES, NS_DIALBACK, NS_STREAMS, Element, StreamClosed, StreamOpened, XmlError,
+    DEFAULT_MAX_STANZA_BYTES, NS_STREAMS, Element, StreamClosed, StreamOpened, XmlError,
     XmlStreamParser, stream_error, stream_header,
 )
 

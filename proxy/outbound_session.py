@@ -66,9 +66,9 @@ from proxy.outbound_auth import (
     ANSWER_TIMEOUT, MAX_QUESTIONS, Authenticated, NotAuthenticated, PeerAuthentication, PeerBroken, PeerEnded,
     VerifyAnswered,
 )
-from proxy.s2s_auth import NS_DIALBACK_FEATURE, db_result_answer, db_verify_answer, element_text
+from proxy.s2s_auth import NS_DIALBACK_FEATURE, db_result_answer, element_text
 from proxy.xmlstream import (
-    DEFAULT_MAX_STANZA_BYTES, NS_DIALBACK, NS_SERVER, NS_TLS, STREAM_CLOSE, Element, StreamClosed, StreamOpened,
+    DEFAULT_MAX_STANZA_BYTES, NS_SERVER, NS_TLS, STREAM_CLOSE, Element, StreamClosed, StreamOpened,
     XmlError, XmlStreamParser, stream_error, stream_header,
 )
 
@@ -295,15 +295,16 @@ class OutboundSession:
 
     def _check_key(self, el: Element, local: str, out: Output) -> None:
         assert self.opening is not None
-        peer, stream_id, key = self.opening.peer_domain, el.attrs.get("id", ""), element_text(el).strip()
-        if self.keys.is_ours(receiving=local, originating=peer, stream_id=stream_id, key=key):
+        peer = self.opening.peer_domain
+        answer = self.keys.answer(el, local, peer)
+        if answer is not None:
             # DESIGN §3.3: a key the proxy minted for this pair and stream id (the inbound side
             # accepted the peer by certificate): answered here, nothing asked of the peer.
             self.local_answers += 1
-            out.to_backend += db_verify_answer(local, peer, stream_id, True)
+            out.to_backend += answer
             out.events.append(("dialback-answered-locally", {"local": local, "domain": peer}))
             return
-        self._ask(out, "verify", local, stream_id, key)
+        self._ask(out, "verify", local, el.attrs.get("id", ""), element_text(el).strip())
 
     def _ask(self, out: Output, kind: str, local: str, stream_id: str = "", key: str = "") -> None:
         """A question only the peer can answer: connect if not yet, then ask."""

@@ -50,24 +50,30 @@ def element_text(el: Element) -> str:
     return "".join(_texts_at_depth(el.raw, 1)[0])
 
 
-def _texts_at_depth(raw: bytes, want: int) -> list[list[str]]:
-    """For each element at depth `want` of the XML in `raw` (1 = the root), its direct text."""
+def _texts_at_depth(raw: bytes, want: int, local_name: str | None = None) -> list[list[str]]:
+    """For each element at depth `want` of the XML in `raw` (1 = the root), and called
+    `local_name` (any prefix) if given, its direct text."""
     found: list[list[str]] = []
     depth = 0
+    current: list[str] | None = None     # the text of the element at `want` being read
 
-    def start(_name, _attrs):
-        nonlocal depth
+    def start(name, _attrs):
+        nonlocal depth, current
         depth += 1
         if depth == want:
-            found.append([])
+            current = [] if local_name is None or name.rpartition(":")[2] == local_name else None
+            if current is not None:
+                found.append(current)
 
     def end(_name):
-        nonlocal depth
+        nonlocal depth, current
+        if depth == want:
+            current = None
         depth -= 1
 
     def chars(data: str) -> None:
-        if depth == want and found:
-            found[-1].append(data)
+        if depth == want and current is not None:
+            current.append(data)
 
     parser = xml.parsers.expat.ParserCreate()
     parser.StartElementHandler, parser.EndElementHandler = start, end
@@ -167,15 +173,6 @@ def dialback_error(sender: str, target: str, condition: str, text: str, *, name:
     ).encode("utf-8")
 
 
-__all__ = [
-    "EXTERNAL", "NS_DIALBACK_FEATURE", "NS_SASL", "SaslAuth", "SaslError", "auth_external", "db_result",
-    "db_result_answer", "db_verify_answer", "dialback_error", "element_text", "failure", "mechanisms_feature",
-    "offered_mechanisms", "read_auth", "success",
-]
-
-
-# ------------------------------------------------------------------ outbound additions (DESIGN §3.3)
-
 def db_verify(sender: str, target: str, stream_id: str, key: str) -> bytes:
     """XEP-0220 §2.1.2: `sender` asks `target`'s authoritative server whether `key` is the one
     `target` issued on stream `stream_id` (the outbound side relays the backend's question)."""
@@ -194,29 +191,12 @@ def dialback_error_reason(el: Element) -> str:
     text = ""
     if error.span is not None:
         # Children of <error/> carry no spans of their own: read <text/> from error's bytes.
-        found: list[str] = []
-        depth, inside = 0, False
-
-        def start(name, _attrs):
-            nonlocal depth, inside
-            depth += 1
-            inside = depth == 2 and name.rpartition(":")[2] == "text"
-
-        def end(_name):
-            nonlocal depth, inside
-            depth -= 1
-            inside = False
-
-        def chars(data: str) -> None:
-            if inside:
-                found.append(data)
-
-        parser = xml.parsers.expat.ParserCreate()
-        parser.StartElementHandler, parser.EndElementHandler = start, end
-        parser.CharacterDataHandler = chars
-        parser.Parse(el.raw[error.span[0]:error.span[1]], True)
-        text = "".join(found).strip()
+        text = "".join(_texts_at_depth(el.raw[error.span[0]:error.span[1]], 2, "text")[0]).strip()
     return f"{condition}: {text}" if text else condition
 
 
-__all__ += ["db_verify", "dialback_error_reason"]
+__all__ = [
+    "EXTERNAL", "NS_DIALBACK_FEATURE", "NS_SASL", "SaslAuth", "SaslError", "auth_external", "db_result",
+    "db_result_answer", "db_verify", "db_verify_answer", "dialback_error", "dialback_error_reason", "element_text",
+    "failure", "mechanisms_feature", "offered_mechanisms", "read_auth", "success",
+]

@@ -81,3 +81,10 @@ def test_built_elements_parse_with_their_own_prefixes():
                  s2s_auth.mechanisms_feature("EXTERNAL")):
         events = XmlStreamParser().feed(bare + data)
         assert [type(e).__name__ for e in events][-1] == "Element", (data, events)
+
+
+def test_dialback_error_reason_reads_what_dialback_error_wrote():
+    el = first_element(s2s_auth.dialback_error("a.example", "b.example", "item-not-found", "why <&> here"))
+    assert s2s_auth.dialback_error_reason(el) == "item-not-found: why <&> here"
+    bare = first_element(b"<db:result from='b' to='a' type='error'/>")
+    assert s2s_auth.dialback_error_reason(bare) == "undefined-condition"

@@ -83,6 +83,7 @@ SOA_MINIMUM = 60
 READY_TIMEOUT = 15.0   # seconds for nsd/unbound to answer after start (normally < 1 s)
 RELOAD_TIMEOUT = 10.0  # seconds for a re-signed zone to be served after a publish
 PROBE_TIMEOUT = 0.05   # one readiness query; retried until the deadline
+REFLUSH_INTERVAL = 0.5  # flush a zone again when unbound still serves its old serial after this
 POLL_INTERVAL = 0.01   # between readiness probes (polling a real query, not a sleep in lieu)
 
 _ALGORITHM = dns.dnssec.Algorithm.ECDSAP256SHA256  # fast to generate and sign; unbound supports it
@@ -544,11 +545,20 @@ class DnsEnv:
         for zone in dirty:
             if zone.origin == _abs(BOGUS_ZONE):
                 continue  # unbound answers SERVFAIL there by design
+            reflush = time.monotonic() + REFLUSH_INTERVAL
             while self._serial_at(self.unbound_port, zone.origin) != zone.serial:
                 self._check_alive()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise DnsEnvError(f"unbound does not see serial {zone.serial} of {zone.text}; "
                                       f"see {self.dir / 'unbound.log'}")
+                if now > reflush:
+                    # A lookup by a server under test that was already on its way to nsd when we
+                    # flushed can bring the old zone back into unbound's cache for its TTL: flush
+                    # again (seen once under load as a publish that never became visible).
+                    self._control("unbound-control", self.dir / "unbound.conf", "flush_zone",
+                                  zone.origin.to_text())
+                    reflush = now + REFLUSH_INTERVAL
                 time.sleep(POLL_INTERVAL)
 
     def _control(self, tool: str, conf: Path, *args: str) -> None:

@@ -287,6 +287,11 @@ class Bench:
                         cal["proxy_tls_us"], cal["system_openssl_us"], higher_is_better=False,
                         note=f"{cal['proxy_tls_library']} (proxy, pyOpenSSL) vs {cal['system_openssl_library']} "
                              "(system, stunnel's); in-process, no sockets")
+        self.report.add("calibration", "TLS library alone: C heap per established connection", "KiB",
+                        cal["proxy_tls_kib_per_connection"], cal["system_openssl_kib_per_connection"],
+                        higher_is_better=False,
+                        note="client certificate kept, one record read; part of every idle stream's RSS "
+                             "that no code above the library can give back")
 
     # ------------------------------------------------------------------ warm-up
 
@@ -474,6 +479,27 @@ class Bench:
         self.report.add(group, "server CPU per stanza", "µs",
                         med["proxy"]["cpu_us_per_stanza"], med["stunnel"]["cpu_us_per_stanza"],
                         higher_is_better=False)
+        self.framing_floor(group, size, med["stunnel"]["cpu_us_per_stanza"])
+
+    def framing_floor(self, group: str, size: int, stunnel_us: float) -> None:
+        """The floor of the proxy's CPU per stanza: stunnel's, plus expat over the stanza,
+        which framing in agreement with the backend's parser cannot skip
+        (bench/framing_calibration.py), on the server core."""
+        out = subprocess.run([sys.executable, str(HERE / "framing_calibration.py"), str(size)],
+                             capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}))
+        if out.returncode != 0:
+            raise BenchError(f"framing calibration failed: {out.stderr[-2000:]}")
+        cal = json.loads(out.stdout)[str(size)]
+        self.report.details.setdefault("framing_calibration", {})[str(size)] = cal
+        framer = cal["framer_us"]
+        log(f"framing alone, {size} B stanza: proxy's framer {framer:.2f} µs, bare libexpat "
+            f"{cal['bare_expat_us']:.2f} µs (in-process, no sockets)")
+        self.report.add(group, "floor: stunnel's CPU + the XML framer alone", "µs",
+                        stunnel_us + framer, stunnel_us, higher_is_better=False,
+                        note=f"framer alone {framer:.2f} µs/stanza (bare libexpat {cal['bare_expat_us']:.2f}); "
+                             f"best capacity ratio an expat-framing proxy can reach here: "
+                             f"{stunnel_us / (stunnel_us + framer):.3f}")
 
 
 def medians(runs: list[dict]) -> dict:
@@ -554,9 +580,12 @@ def render(report: Report, settings: Settings, facts: dict, profiled: bool) -> s
         lines.append("")
         lines.append("headline (proxy/stunnel; capacity = work per second of server CPU on one core, "
                      "memory = RSS per idle stream):")
+        floors = {r.group: r for r in report.rows if r.metric.startswith("floor:")}
         for r in headline:
             what = f"{r.group} capacity" if r.metric.startswith("capacity") else "memory per idle stream"
-            lines.append(f"  {what:<40} {r.ratio:8.3f}")
+            ceiling = floors.get(r.group) if r.metric.startswith("capacity") else None
+            lines.append(f"  {what:<40} {r.ratio:8.3f}" + (
+                f"   (ceiling with expat over every byte: {1 / ceiling.ratio:.3f})" if ceiling else ""))
     lines.append("")
     header = f"{'figure':<70} {'proxy':>10} {'stunnel':>12} {'proxy/stunnel':>14}  reads as"
     lines.append(header)
@@ -587,7 +616,7 @@ def fmt_num(value: float) -> str:
 
 # ================================================================================ main
 
-SCENARIOS = ("memory", "handshake", "relay1k", "relay64k")  # calibration comes with "handshake"
+SCENARIOS = ("memory", "handshake", "relay1k", "relay64k")  # calibration comes with "handshake" or "memory"
 
 
 def parse_args(argv=None):
@@ -708,7 +737,7 @@ def main(argv=None) -> int:
             bench.check_dns_stayed_cached()
             facts["background_busy_after"] = background_busy()
             log(f"background load with the benchmark idle: {fmt_busy(facts['background_busy_after'])}")
-            if "handshake" in scenarios:
+            if "handshake" in scenarios or "memory" in scenarios:
                 bench.calibrate_tls()
         except (BenchError, ProcError, OSError) as exc:
             log(f"FAILED: {exc}")

@@ -13,12 +13,16 @@ libraries:
   the test root, no tickets.
 
 The client is the standard library's `ssl` in both cases and is not timed: only the
-server's handshake calls are.  Run alone: `python3 bench/tls_calibration.py CERTDIR` (a
+server's handshake calls are.  Also measured: the C heap each established server connection
+keeps in each library (after the handshake with a client certificate and one data record),
+the TLS library's share of the memory per idle stream.  Run alone: `python3 bench/tls_calibration.py CERTDIR` (a
 directory with local.pem/.key, peer.pem/.key and root.pem, as `bench/run.py --keep` leaves;
 an optional second argument is the number of rounds).  Prints one JSON object.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import ssl
 import statistics
@@ -52,8 +56,8 @@ def _system_server_ctx(cert: Path, key: Path, root: Path) -> ssl.SSLContext:
     return ctx
 
 
-def _handshake_pyopenssl(server_ctx: SSL.Context, client_ctx: ssl.SSLContext) -> float:
-    """One handshake; returns the seconds spent in the server's calls."""
+def _handshake_pyopenssl(server_ctx: SSL.Context, client_ctx: ssl.SSLContext) -> tuple[float, object]:
+    """One handshake; the seconds spent in the server's calls, and the server's connection."""
     c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname="local")
     server = SSL.Connection(server_ctx, None)
@@ -90,10 +94,14 @@ def _handshake_pyopenssl(server_ctx: SSL.Context, client_ctx: ssl.SSLContext) ->
             break
     if not (client_done and server_done) or server.get_peer_certificate() is None:
         raise RuntimeError("calibration handshake (proxy TLS) did not complete with a client certificate")
-    return spent
+    client.write(b"<presence/>")                 # one record of data, read as a stream would
+    server.bio_write(c_out.read())
+    if server.recv(1024) != b"<presence/>":
+        raise RuntimeError("calibration data record (proxy TLS) did not arrive")
+    return spent, server
 
 
-def _handshake_stdlib(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> float:
+def _handshake_stdlib(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[float, object]:
     c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname="local")
@@ -125,7 +133,11 @@ def _handshake_stdlib(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) ->
             break
     if not (client_done and server_done) or server.getpeercert() is None:
         raise RuntimeError("calibration handshake (system OpenSSL) did not complete with a client certificate")
-    return spent
+    client.write(b"<presence/>")
+    s_in.write(c_out.read())
+    if server.read(1024) != b"<presence/>":
+        raise RuntimeError("calibration data record (system OpenSSL) did not arrive")
+    return spent, server
 
 
 def calibrate(certdir: Path, rounds: int = 300) -> dict:
@@ -138,15 +150,44 @@ def calibrate(certdir: Path, rounds: int = 300) -> dict:
         _handshake_stdlib(system_ctx, client)
     proxy_times, system_times = [], []
     for _ in range(rounds):  # interleaved, so drift hits both alike
-        proxy_times.append(_handshake_pyopenssl(proxy_ctx, client))
-        system_times.append(_handshake_stdlib(system_ctx, client))
+        proxy_times.append(_handshake_pyopenssl(proxy_ctx, client)[0])
+        system_times.append(_handshake_stdlib(system_ctx, client)[0])
     return {
         "rounds": rounds,
         "proxy_tls_us": 1e6 * statistics.median(proxy_times),
         "system_openssl_us": 1e6 * statistics.median(system_times),
         "proxy_tls_library": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
         "system_openssl_library": ssl.OPENSSL_VERSION,
+        "proxy_tls_kib_per_connection": _heap_per_connection(lambda: _handshake_pyopenssl(proxy_ctx, client)[1]),
+        "system_openssl_kib_per_connection": _heap_per_connection(lambda: _handshake_stdlib(system_ctx, client)[1]),
     }
+
+
+def _heap_bytes() -> int:
+    """C heap in use (glibc mallinfo2): where both OpenSSLs allocate; Python's small objects
+    live in pymalloc's arenas and are not counted."""
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    gc.collect()
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def _heap_per_connection(open_one, count: int = 300) -> float:
+    """KiB of C heap each established server connection holds (handshake done, client
+    certificate kept, one data record read): the TLS library's share of the memory per idle
+    stream, which no code above it can give back."""
+    warm = [open_one() for _ in range(20)]        # lazily built tables, free lists
+    before = _heap_bytes()
+    kept = [open_one() for _ in range(count)]
+    used = _heap_bytes() - before
+    del kept, warm
+    return used / count / 1024
 
 
 if __name__ == "__main__":

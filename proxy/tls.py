@@ -11,8 +11,7 @@ the policy (`policy.decide`), which decides.
 """
 from __future__ import annotations
 
-import errno
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,12 @@ import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-try:   # for TlsStream.release_idle only: pyOpenSSL has no API to replace a memory BIO
+from . import eager_io
+
+try:   # for TlsStream.release_idle, _drain and _collect: pyOpenSSL has no API for these
     from OpenSSL._util import ffi as _ffi, lib as _lib
-    if not all(hasattr(_lib, name) for name in ("BIO_get_mem_data", "BIO_new", "BIO_s_mem", "SSL_set_bio")):
+    if not all(hasattr(_lib, name) for name in ("BIO_get_mem_data", "BIO_new", "BIO_read", "BIO_s_mem",
+                                                 "SSL_set_bio", "SSL_read", "SSL_get_error", "SSL_ERROR_WANT_READ")):
         _ffi = None
 except ImportError:   # pragma: no cover - another pyOpenSSL layout
     _ffi = _lib = None
@@ -38,6 +40,11 @@ _RECEIVE_SIZE = 65536           # bytes read from the transport (and the BIO) at
 # the life of the connection.  Below it the capacity is small anyway (bench/README.md).
 _BIG_READ = 16384
 _SEND_CHUNK = 65536             # plaintext bytes per SSL_write
+# TlsStream._drain's and _collect's buffer: one for the process (trio runs one task at a time,
+# and nothing awaits while it is in use), not 64 KiB per stream.
+_DRAIN_BYTES = _RECEIVE_SIZE
+_drain_buffer = (_ffi.new_allocator(should_clear_after_alloc=False)("char[]", _DRAIN_BYTES)
+                 if _ffi is not None else None)
 _CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 
 # Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
@@ -233,6 +240,11 @@ class TlsStream(trio.abc.Stream):
     ) -> None:
         self.transport = transport
         self.server_side = server_side
+        # The kernel socket under a SocketStream: reads and sends on it skip trio's scheduler
+        # pass when they complete at once (proxy.eager_io).  None: the transport's methods.
+        self._sock = eager_io.stdlib_socket(transport)
+        # Called when a read is about to wait for the peer: the stream just became idle.
+        self.before_wait: Callable[[], object] | None = None
         conn = SSL.Connection(context, None)
         if server_side:
             conn.set_accept_state()
@@ -255,6 +267,7 @@ class TlsStream(trio.abc.Stream):
         self._sending = False
         self._receiving = False
         self._big_read = False       # a large ciphertext write grew the incoming BIO
+        self._read_error: SSL.Error | None = None   # met by _drain after bytes it returned
 
     # ------------------------------------------------------------------ moving ciphertext
     #
@@ -274,6 +287,16 @@ class TlsStream(trio.abc.Stream):
     # SSLStream makes the same choice).
 
     def _collect(self) -> None:
+        if _ffi is not None:
+            # Ask the memory BIO how much it holds first: pyOpenSSL's bio_read allocates
+            # 64 KiB and raises WantReadError when it is empty, as it is after most reads.
+            bio = self._conn._from_ssl
+            while (pending := _lib.BIO_get_mem_data(bio, _ffi.NULL)) > 0:
+                got = _lib.BIO_read(bio, _drain_buffer, min(pending, _DRAIN_BYTES))
+                if got <= 0:
+                    break
+                self._outgoing += _ffi.buffer(_drain_buffer, got)
+            return
         while True:
             try:
                 self._outgoing += self._conn.bio_read(_RECEIVE_SIZE)
@@ -287,13 +310,16 @@ class TlsStream(trio.abc.Stream):
         if not self._outgoing or (not wait and self._send_lock.locked()):
             await trio.lowlevel.checkpoint()
             return
-        async with self._send_lock:
+        await eager_io.acquire(self._send_lock)
+        try:
             self._collect()
             await self._send_outgoing()
+        finally:
+            self._send_lock.release()
 
     async def _send_outgoing(self) -> None:
         """Hand `_outgoing` to the transport (caller holds `_send_lock`)."""
-        sock = getattr(self.transport, "socket", None) if isinstance(self.transport, trio.SocketStream) else None
+        sock = self._sock
         while self._outgoing:
             if self._transport_broken is not None:
                 raise trio.BrokenResourceError(self._transport_broken)
@@ -314,17 +340,21 @@ class TlsStream(trio.abc.Stream):
                 continue
             try:
                 # A copy: the bytearray must stay resizable while a reader appends to it.
-                sent = await sock.send(bytes(self._outgoing))
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("the transport was closed") from None
-                self._transport_broken = f"transport send failed: {exc.strerror or exc}"
+                sent = await eager_io.send_some(sock, bytes(self._outgoing))
+            except trio.BrokenResourceError as exc:
+                self._transport_broken = f"transport send failed: {getattr(exc.__cause__, 'strerror', None) or exc}"
                 raise trio.BrokenResourceError(self._transport_broken) from exc
             del self._outgoing[:sent]
 
     async def _refill(self) -> None:
-        async with self._receive_lock:
-            data = await self.transport.receive_some(_RECEIVE_SIZE)
+        await eager_io.acquire(self._receive_lock)
+        try:
+            if self._sock is not None:
+                data = await eager_io.receive_some(self._sock, _RECEIVE_SIZE, self.before_wait)
+            else:
+                data = await self.transport.receive_some(_RECEIVE_SIZE)
+        finally:
+            self._receive_lock.release()
         if data:
             self._conn.bio_write(data)
             if len(data) > _BIG_READ:
@@ -411,7 +441,14 @@ class TlsStream(trio.abc.Stream):
             size = max_bytes or _RECEIVE_SIZE
             while True:
                 try:
-                    data = self._conn.recv(size)
+                    # What is already decrypted-able first (one copy, no pyOpenSSL call); then
+                    # pyOpenSSL's recv, which raises what OpenSSL says when there is nothing.
+                    data = b"" if self._read_error is not None else self._drain(b"", size)
+                    if not data and self._read_error is not None:
+                        error, self._read_error = self._read_error, None
+                        raise error
+                    if not data:
+                        data = self._drain(self._conn.recv(size), size)
                 except SSL.WantReadError:
                     # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.
                     await self._flush(wait=False)
@@ -430,13 +467,13 @@ class TlsStream(trio.abc.Stream):
                     raise self._fail("TLS read failed", exc) from None
                 except SSL.Error as exc:
                     raise self._fail("TLS read failed", exc) from None
-                data = self._drain(data, size)
                 self._collect()
                 if self._outgoing:
                     await self._flush(wait=False)
-                else:
-                    # A checkpoint that cannot raise Cancelled: the data is already read.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                # The one yield of a read (the socket calls above make none when they complete
+                # at once, proxy.eager_io): a peer whose data never stops cannot starve the
+                # other streams.  It cannot raise Cancelled: the data is already read.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         finally:
             self._receiving = False
@@ -446,14 +483,38 @@ class TlsStream(trio.abc.Stream):
 
         One socket read often holds several TLS records (16 KiB each at most); returning them
         together makes one trip through the relay per read instead of one per record
-        (bench/: −15 % CPU per 1 KiB stanza).  Errors are left for the next call to raise.
+        (bench/: −15 % CPU per 1 KiB stanza).  An error after some bytes is raised by the
+        next call, with OpenSSL's reason.
         """
+        if _ffi is not None and size - len(data) <= _DRAIN_BYTES:
+            # Straight to SSL_read, into one buffer: a peer writing one record per stanza
+            # (Prosody, ejabberd, the benchmark) puts ~60 records in a 64 KiB read, and
+            # pyOpenSSL's recv costs ~1 µs of Python on each (issue 13).  The buffer is the
+            # module's: nothing awaits between filling it and copying it out.
+            ssl, buf, want, got = self._conn._ssl, _drain_buffer, size - len(data), 0
+            while got < want:
+                n = _lib.SSL_read(ssl, buf + got, want - got)
+                if n <= 0:
+                    break
+                got += n
+            else:
+                return data + _ffi.buffer(buf, got)[:]
+            if _lib.SSL_get_error(ssl, n) == _lib.SSL_ERROR_WANT_READ:
+                return data + _ffi.buffer(buf, got)[:] if got else data
+            # Anything else (close_notify, an alert, a bad record): pyOpenSSL's recv below
+            # reads OpenSSL's error queue, as it would have without this loop.
+            data += _ffi.buffer(buf, got)[:]
         chunks = [data]
         total = len(data)
         while total < size:
             try:
                 more = self._conn.recv(size - total)
-            except SSL.Error:
+            except SSL.WantReadError:
+                break
+            except SSL.Error as exc:
+                # Kept for the next call: OpenSSL's reason is in this exception only (its
+                # error queue is read once), and the operator's log needs it.
+                self._read_error = self._read_error or exc
                 break
             if not more:
                 break

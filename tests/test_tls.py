@@ -509,6 +509,103 @@ def test_concurrent_senders_are_refused(pki):
     trio.run(main)
 
 
+async def _socket_pair_streams(pki):
+    sa, sb = trio.socket.socketpair()
+    server = TlsStream(trio.SocketStream(sa), server_context(pki["b"].cert, pki["b"].key), server_side=True)
+    client = TlsStream(trio.SocketStream(sb), client_context(), server_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server.do_handshake)
+        n.start_soon(client.do_handshake)
+    return server, client
+
+
+def _records(client: TlsStream, count: int, *, corrupt_last: bool = False) -> tuple[bytes, bytes]:
+    """`count` TLS records of 100 bytes each, as a peer writing one record per stanza sends
+    them: (their plaintext, their ciphertext, the last record's tag flipped if asked)."""
+    plain = b"".join(b"%03d" % i + b"r" * 97 for i in range(count))
+    for i in range(count):
+        assert client._conn.send(plain[i * 100:(i + 1) * 100]) == 100
+    cipher = bytearray()
+    while True:
+        try:
+            cipher += client._conn.bio_read(1 << 20)
+        except Exception:
+            break
+    if corrupt_last:
+        cipher[-1] ^= 0x01
+    return plain, bytes(cipher)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["SSL_read-loop", "pyOpenSSL-recv"])
+def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
+    """One socket read holding 300 records comes out whole and in order, then EOF; the
+    direct SSL_read loop (issue 13) and pyOpenSSL's recv give the same bytes."""
+    from proxy import tls as tls_module
+    if not direct:
+        monkeypatch.setattr(tls_module, "_ffi", None)
+    elif tls_module._ffi is None:
+        pytest.skip("this pyOpenSSL exposes no SSL_read")
+
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            server, client = await _socket_pair_streams(pki)
+            plain, cipher = _records(client, 300)
+            await client.transport.send_all(cipher)
+            await client.aclose()
+            got = bytearray()
+            while chunk := await server.receive_some():
+                got += chunk
+        assert bytes(got) == plain
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["SSL_read-loop", "pyOpenSSL-recv"])
+def test_records_before_a_forged_one_arrive_and_the_forgery_fails_the_stream(pki, monkeypatch, direct):
+    """A record that fails its MAC: every byte before it is delivered, nothing of it or after
+    it, and the next read fails naming OpenSSL's reason, both ways of reading."""
+    from proxy import tls as tls_module
+    if not direct:
+        monkeypatch.setattr(tls_module, "_ffi", None)
+    elif tls_module._ffi is None:
+        pytest.skip("this pyOpenSSL exposes no SSL_read")
+
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            server, client = await _socket_pair_streams(pki)
+            plain, cipher = _records(client, 60, corrupt_last=True)
+            await client.transport.send_all(cipher)
+            got = bytearray()
+            with pytest.raises(TlsError, match="(?i)TLS read failed: .*(bad record mac|decrypt)"):
+                while True:
+                    got += await server.receive_some()
+        assert bytes(got) == plain[:-100]
+
+    trio.run(main)
+
+
+def test_a_tls_read_yields_once_even_with_data_waiting_and_says_when_it_waits(pki):
+    """Fairness (proxy.eager_io): with bytes already there, a read still lets other tasks run;
+    `before_wait` runs only when the read has nothing and must wait (an idle stream)."""
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            server, client = await _socket_pair_streams(pki)
+            waits = []
+            server.before_wait = lambda: waits.append(1)
+            await client.send_all(b"first")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.testing.assert_checkpoints():
+                assert await server.receive_some() == b"first"
+            assert waits == []
+            async with trio.open_nursery() as n:
+                n.start_soon(server.receive_some)
+                await trio.testing.wait_all_tasks_blocked()
+                assert waits == [1]
+                await client.send_all(b"second")
+
+    trio.run(main)
+
+
 # ------------------------------------------------------------------------------ configuration errors
 
 def test_configuration_errors_name_the_file(pki, tmp_path):

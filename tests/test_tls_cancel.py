@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 
 import trio
 import trio.testing
@@ -50,6 +51,10 @@ def _reader(sock: socket.socket, result: dict) -> None:
         # suppress_ragged_eofs=False: an EOF without close_notify raises instead of reading as EOF.
         with ctx.wrap_socket(sock, server_hostname="b.example", suppress_ragged_eofs=False) as tls:
             while True:
+                # Slow on purpose: the sender must wait for room many times per message (the
+                # await points this test cancels at), even though a send that the kernel
+                # takes at once no longer yields (proxy.eager_io).
+                time.sleep(0.0002)
                 data = tls.recv(4096)
                 if not data:               # close_notify
                     result["close_notify"] = True

@@ -1,0 +1,95 @@
+"""Socket reads, socket writes and lock acquisitions that do not yield when they can complete at once.
+
+trio makes every one of these a checkpoint: a `recv` that finds data, a `send` the kernel
+takes whole, a `Lock` nobody holds all still yield, and each yield is a full pass of the
+scheduler (an `epoll_wait`, the run queue, the task's resumption: several microseconds of
+Python).  The relay made six such passes per read of the peer (lock, recv, checkpoint, lock,
+send, and the wait itself), about a tenth of its CPU per stanza (issue 13, `bench/`).
+
+These helpers do the operation first and wait only when the kernel says it would block, as
+asyncio's selector loop does.  They check for cancellation before acting (no yield unless
+cancelled), so a cancelled task still stops at them.  Fairness between streams is kept by
+the one checkpoint per read that `TlsStream.receive_some` and trio's own `receive_some` still
+make: a peer whose data never stops cannot starve the others.
+
+Errors read as trio's `SocketStream` reports them: `ClosedResourceError` for a socket closed
+by us, `BrokenResourceError` (with the OS's words) for a connection that broke.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+
+import trio
+
+
+def stdlib_socket(stream: object) -> socket.socket | None:
+    """The kernel socket under a `trio.SocketStream`, or None.
+
+    None for any other stream (tests' memory streams, WebSocket adapters) and for a trio
+    whose socket wrapper has no `_sock`: callers then use the stream's own methods, which
+    behave the same, a scheduler pass slower."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = getattr(stream.socket, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _broken(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    # trio.SocketStream's translation (trio/_highlevel_socket.py): EBADF means we closed it.
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive_some(sock: socket.socket, max_bytes: int,
+                       before_wait: Callable[[], object] | None = None) -> bytes:
+    """Up to `max_bytes` from `sock` (b"" at EOF), waiting only if none are there yet.
+
+    `before_wait` runs each time the read is about to wait: the moment a stream becomes
+    idle, when the caller can give back what only a busy stream needs (parser, buffers)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        try:
+            return sock.recv(max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _broken(exc) from exc
+        if before_wait is not None:
+            before_wait()
+        await trio.lowlevel.wait_readable(sock)
+
+
+async def send_some(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
+    """Send a non-empty `data`, as much as the kernel takes (at least one byte); how much."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _broken(exc) from exc
+        await trio.lowlevel.wait_writable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
+    """Send all of `data`.  Cancelled part-way, some of it may have gone (trio's contract for
+    `send_all` too)."""
+    view = memoryview(data)
+    if not view:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return
+    while view:
+        view = view[await send_some(sock, view):]
+
+
+async def acquire(lock: trio.Lock) -> None:
+    """`lock.acquire()`, without the yield when nobody holds or waits for the lock."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()

@@ -1,0 +1,181 @@
+"""proxy/eager_io.py: socket reads, sends and lock acquisitions that skip trio's scheduler
+pass when they complete at once, over real kernel sockets (socketpairs).
+
+What must hold: bytes arrive exactly; a read waits only when nothing is there, and says so
+first (`before_wait`, where an idle stream gives back its parser); cancellation still stops
+the caller and loses no byte; errors read as trio's SocketStream reports them; and the TLS
+stream built on them still yields once per read, so one busy peer cannot starve the others.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from proxy import eager_io
+
+TIMEOUT = 10.0
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return a, b
+
+
+def test_a_read_with_data_there_does_not_wait_or_call_before_wait():
+    async def main():
+        ours, theirs = socketpair()
+        theirs.sendall(b"already here")
+        called = []
+        with trio.fail_after(TIMEOUT):
+            assert await eager_io.receive_some(ours, 100, lambda: called.append(1)) == b"already here"
+        assert called == []
+
+    trio.run(main)
+
+
+def test_a_read_that_must_wait_calls_before_wait_once_then_returns_what_arrives():
+    async def main():
+        ours, theirs = socketpair()
+        called = []
+        got = []
+
+        async def reader():
+            got.append(await eager_io.receive_some(ours, 100, lambda: called.append(len(got))))
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert called == [0]          # before it waited, with nothing read yet
+                theirs.sendall(b"later")
+        assert got == [b"later"] and called == [0]
+
+    trio.run(main)
+
+
+def test_end_of_stream_reads_as_empty_bytes():
+    async def main():
+        ours, theirs = socketpair()
+        theirs.sendall(b"last words")
+        theirs.close()
+        with trio.fail_after(TIMEOUT):
+            assert await eager_io.receive_some(ours, 100) == b"last words"
+            assert await eager_io.receive_some(ours, 100) == b""
+
+    trio.run(main)
+
+
+def test_a_reset_connection_is_broken_and_a_closed_socket_is_closed():
+    async def main():
+        ours, theirs = socketpair()
+        tcp_listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(tcp_listener.getsockname())
+        server, _ = tcp_listener.accept()
+        server.setblocking(False)
+        # SO_LINGER 0: close sends RST, so the next read fails with ECONNRESET.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(trio.BrokenResourceError, match="socket connection broken"):
+                while await eager_io.receive_some(server, 100):
+                    pass
+            ours.close()
+            with pytest.raises(trio.ClosedResourceError):
+                await eager_io.receive_some(ours, 100)
+            with pytest.raises(trio.ClosedResourceError):
+                await eager_io.send_all(ours, b"x")
+        server.close()
+        theirs.close()
+        tcp_listener.close()
+
+    trio.run(main)
+
+
+def test_send_all_waits_for_a_slow_reader_and_delivers_every_byte():
+    async def main():
+        ours, theirs = socketpair()
+        theirs.setblocking(False)
+        payload = bytes(range(256)) * 40_000           # ~10 MB: far more than the socket buffers
+        got = bytearray()
+
+        async def slow_reader():
+            while len(got) < len(payload):
+                await trio.sleep(0)
+                got.extend(await eager_io.receive_some(theirs, 7_777))
+
+        with trio.fail_after(TIMEOUT * 3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                await eager_io.send_all(ours, payload)
+        assert bytes(got) == payload
+
+    trio.run(main)
+
+
+def test_a_cancelled_read_raises_and_leaves_the_bytes_for_the_next_one():
+    async def main():
+        ours, theirs = socketpair()
+        theirs.sendall(b"kept")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await eager_io.receive_some(ours, 100)
+            pytest.fail("a cancelled read returned")     # pragma: no cover
+        assert scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await eager_io.send_all(ours, b"never sent")
+        assert scope.cancelled_caught
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)                                # the cancelled send sent nothing
+        with trio.fail_after(TIMEOUT):
+            assert await eager_io.receive_some(ours, 100) == b"kept"
+
+    trio.run(main)
+
+
+def test_acquire_takes_a_free_lock_and_queues_behind_a_held_one():
+    async def main():
+        lock = trio.Lock()
+        order = []
+        await eager_io.acquire(lock)
+        assert lock.locked()
+
+        async def second():
+            await eager_io.acquire(lock)
+            order.append("second")
+            lock.release()
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()
+                assert order == []                          # waits while the lock is held
+                order.append("first")
+                lock.release()
+        assert order == ["first", "second"]
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await eager_io.acquire(lock)
+        assert scope.cancelled_caught and not lock.locked()
+
+    trio.run(main)
+
+
+def test_stdlib_socket_only_under_a_trio_socket_stream():
+    async def main():
+        a, b = trio.socket.socketpair()
+        stream = trio.SocketStream(a)
+        assert isinstance(eager_io.stdlib_socket(stream), socket.socket)
+        assert eager_io.stdlib_socket(stream).fileno() == a.fileno()
+        left, _right = trio.testing.memory_stream_pair()
+        assert eager_io.stdlib_socket(left) is None
+        await stream.aclose()
+        b.close()
+
+    trio.run(main)

@@ -34,7 +34,9 @@ ALPN_XMPP_SERVER = b"xmpp-server"   # XEP-0368 §3: ALPN protocol id for Direct 
 # DESIGN §3.1: TLS 1.2 is the floor (RFC 7590 §3.1 and BCP 195 / RFC 8996 retire 1.0/1.1).
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
-_RECEIVE_SIZE = 65536           # bytes read from the transport (and the BIO) at a time
+# Bytes read from the transport (and decrypted) at a time, at most: a busy stream's reads
+# then carry many records each (inbound reads the peer 256 KiB at a time, proxy/inbound.py).
+_RECEIVE_SIZE = 262144
 # After a read larger than this, `release_idle` gives OpenSSL a fresh incoming memory BIO: the
 # old one keeps the capacity of the largest write into it (~87 KiB after a 64 KiB read) for
 # the life of the connection.  Below it the capacity is small anyway (bench/README.md).
@@ -448,6 +450,10 @@ class TlsStream(trio.abc.Stream):
                         error, self._read_error = self._read_error, None
                         raise error
                     if not data:
+                        if _ffi is not None:
+                            # _drain's SSL_read said so (pyOpenSSL's recv would allocate a
+                            # buffer of `size` to say the same).
+                            raise SSL.WantReadError()
                         data = self._drain(self._conn.recv(size), size)
                 except SSL.WantReadError:
                     # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.

@@ -143,7 +143,6 @@ class InboundConnection:
         except (AttributeError, OSError):
             self.peer, self._sockaddrs = "-", None
         self.metrics = settings.metrics
-        enable_keepalive(transport)
         self.started = trio.current_time()
         self.session = InboundSession(
             settings.local_domains, max_stanza_bytes=settings.max_stanza_bytes,

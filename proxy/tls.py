@@ -11,6 +11,7 @@ the policy (`policy.decide`), which decides.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,20 @@ _RECEIVE_SIZE = 262144
 # the life of the connection.  Below it the capacity is small anyway (bench/README.md).
 _BIG_READ = 16384
 _SEND_CHUNK = 65536             # plaintext bytes per SSL_write
-# TlsStream._drain's and _collect's buffer: one for the process (trio runs one task at a time,
-# and nothing awaits while it is in use), not 64 KiB per stream.
+# TlsStream._drain's and _collect's buffer: one per thread, not one per stream.  Within a
+# thread trio runs one task at a time and nothing awaits while the buffer is in use; across
+# threads (several trio loops in one process, as the tests run them) cffi releases the GIL
+# during SSL_read, so a buffer shared between threads would be written by two at once.
 _DRAIN_BYTES = _RECEIVE_SIZE
-_drain_buffer = (_ffi.new_allocator(should_clear_after_alloc=False)("char[]", _DRAIN_BYTES)
-                 if _ffi is not None else None)
+_scratch = threading.local()
+
+
+def _scratch_buffer():
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = _ffi.new_allocator(should_clear_after_alloc=False)("char[]", _DRAIN_BYTES)
+    return buffer
+
 _CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 
 # Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
@@ -294,10 +304,11 @@ class TlsStream(trio.abc.Stream):
             # 64 KiB and raises WantReadError when it is empty, as it is after most reads.
             bio = self._conn._from_ssl
             while (pending := _lib.BIO_get_mem_data(bio, _ffi.NULL)) > 0:
-                got = _lib.BIO_read(bio, _drain_buffer, min(pending, _DRAIN_BYTES))
+                buffer = _scratch_buffer()
+                got = _lib.BIO_read(bio, buffer, min(pending, _DRAIN_BYTES))
                 if got <= 0:
                     break
-                self._outgoing += _ffi.buffer(_drain_buffer, got)
+                self._outgoing += _ffi.buffer(buffer, got)
             return
         while True:
             try:
@@ -443,8 +454,9 @@ class TlsStream(trio.abc.Stream):
             size = max_bytes or _RECEIVE_SIZE
             while True:
                 try:
-                    # What is already decrypted-able first (one copy, no pyOpenSSL call); then
-                    # pyOpenSSL's recv, which raises what OpenSSL says when there is nothing.
+                    # Everything OpenSSL can decrypt now (`_drain`); an error it met after
+                    # earlier bytes is raised here, with its reason; nothing at all is the
+                    # WantRead that makes us read the transport.
                     data = b"" if self._read_error is not None else self._drain(b"", size)
                     if not data and self._read_error is not None:
                         error, self._read_error = self._read_error, None
@@ -496,8 +508,8 @@ class TlsStream(trio.abc.Stream):
             # Straight to SSL_read, into one buffer: a peer writing one record per stanza
             # (Prosody, ejabberd, the benchmark) puts ~60 records in a 64 KiB read, and
             # pyOpenSSL's recv costs ~1 µs of Python on each (issue 13).  The buffer is the
-            # module's: nothing awaits between filling it and copying it out.
-            ssl, buf, want, got = self._conn._ssl, _drain_buffer, size - len(data), 0
+            # thread's: nothing awaits between filling it and copying it out.
+            ssl, buf, want, got = self._conn._ssl, _scratch_buffer(), size - len(data), 0
             while got < want:
                 n = _lib.SSL_read(ssl, buf + got, want - got)
                 if n <= 0:

@@ -536,15 +536,21 @@ def _records(client: TlsStream, count: int, *, corrupt_last: bool = False) -> tu
     return plain, bytes(cipher)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["SSL_read-loop", "pyOpenSSL-recv"])
-def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
-    """One socket read holding 300 records comes out whole and in order, then EOF; the
-    direct SSL_read loop (issue 13) and pyOpenSSL's recv give the same bytes."""
+def _choose_read_path(monkeypatch, direct: bool) -> None:
+    """TlsStream reads records straight through SSL_read (direct) or through pyOpenSSL's
+    recv (what it falls back to without pyOpenSSL's bindings)."""
     from proxy import tls as tls_module
     if not direct:
         monkeypatch.setattr(tls_module, "_ffi", None)
     elif tls_module._ffi is None:
         pytest.skip("this pyOpenSSL exposes no SSL_read")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["SSL_read-loop", "pyOpenSSL-recv"])
+def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
+    """One socket read holding 300 records comes out whole and in order, then EOF; the
+    direct SSL_read loop (issue 13) and pyOpenSSL's recv give the same bytes."""
+    _choose_read_path(monkeypatch, direct)
 
     async def main():
         with trio.fail_after(TIMEOUT):
@@ -564,11 +570,7 @@ def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
 def test_records_before_a_forged_one_arrive_and_the_forgery_fails_the_stream(pki, monkeypatch, direct):
     """A record that fails its MAC: every byte before it is delivered, nothing of it or after
     it, and the next read fails naming OpenSSL's reason, both ways of reading."""
-    from proxy import tls as tls_module
-    if not direct:
-        monkeypatch.setattr(tls_module, "_ffi", None)
-    elif tls_module._ffi is None:
-        pytest.skip("this pyOpenSSL exposes no SSL_read")
+    _choose_read_path(monkeypatch, direct)
 
     async def main():
         with trio.fail_after(TIMEOUT):
@@ -582,6 +584,45 @@ def test_records_before_a_forged_one_arrive_and_the_forgery_fails_the_stream(pki
         assert bytes(got) == plain[:-100]
 
     trio.run(main)
+
+
+def test_streams_in_two_threads_read_at_once_lose_nothing(pki):
+    """Several trio loops in one process (the tests' proxy and their clients, an embedder):
+    each thread's reads decrypt into a buffer of its own.  One shared buffer, written by two
+    SSL_reads at once (cffi releases the GIL), mixed the streams' bytes."""
+    import threading
+
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def one_loop(index: int) -> None:
+        async def main():
+            with trio.fail_after(TIMEOUT * 2):
+                server, client = await _socket_pair_streams(pki)
+                plain = bytearray()
+                for round_ in range(40):
+                    chunk, cipher = _records(client, 200)
+                    plain += chunk
+                    await client.transport.send_all(cipher)
+                    got = bytearray()
+                    while len(got) < len(chunk):
+                        got += await server.receive_some()
+                    results.setdefault(index, b"")
+                    results[index] += bytes(got)
+                return bytes(plain)
+        try:
+            expected = trio.run(main)
+            assert results[index] == expected, f"thread {index}: bytes differ"
+        except BaseException as exc:   # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_loop, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    assert not errors, errors
+    assert sorted(results) == [0, 1, 2]
 
 
 def test_a_tls_read_yields_once_even_with_data_waiting_and_says_when_it_waits(pki):

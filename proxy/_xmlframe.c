@@ -49,6 +49,11 @@ typedef struct {
     XML_Parser p;
     char *buf;                 /* bytes from offset `base` of the stream on */
     Py_ssize_t len, cap;
+    /* During feed() only: `buf` is the caller's bytes, not ours (nothing was held back, so
+     * they are parsed where they are: one copy less per read, issue 13), and `feed_obj` the
+     * object they belong to.  Whatever is left when feed() returns is copied (unborrow). */
+    int borrowed;
+    PyObject *feed_obj;
     long long base;            /* absolute stream offset of buf[0] */
     long long consumed;        /* absolute offset just after the last complete event */
     long long el_start;        /* absolute offset of the open first-level element, or -1 */
@@ -114,7 +119,16 @@ static int flush_run(Framer *self)
 {
     if (self->run_start < 0)
         return 0;
-    PyObject *data = buf_slice(self, self->run_start, self->run_end);
+    PyObject *data;
+    if (self->borrowed && self->feed_obj != NULL && PyBytes_CheckExact(self->feed_obj)
+        && self->run_start == self->base && self->run_end == self->base + self->len
+        && PyBytes_GET_SIZE(self->feed_obj) == self->len) {
+        /* The read was nothing but passed stanzas: forward the very bytes object. */
+        Py_INCREF(self->feed_obj);
+        data = self->feed_obj;
+    } else {
+        data = buf_slice(self, self->run_start, self->run_end);
+    }
     self->run_start = -1;
     if (data == NULL || self->events == NULL || PyList_Append(self->events, data) < 0) {
         Py_XDECREF(data);
@@ -152,8 +166,10 @@ static void fail_with(Framer *self, PyObject *args)
     Py_DECREF(args);
     append_event(self, err);
     self->len = 0;
-    PyMem_Free(self->buf);
+    if (!self->borrowed)
+        PyMem_Free(self->buf);
     self->buf = NULL;
+    self->borrowed = 0;
     self->cap = 0;
 }
 
@@ -850,6 +866,32 @@ static int may_complete(Framer *self)
     return tag_may_end(self, tok);
 }
 
+/* The caller's bytes are about to go away: keep what follows the first `drop` of them in a
+ * buffer of our own (nothing if that is empty). */
+static int unborrow(Framer *self, Py_ssize_t drop)
+{
+    Py_ssize_t rest = self->len - drop;
+    char *owned = NULL;
+    if (rest > 0) {
+        owned = PyMem_Malloc((size_t)rest);
+        if (owned == NULL) {
+            self->buf = NULL;
+            self->len = self->cap = 0;
+            self->borrowed = 0;
+            PyErr_NoMemory();
+            self->py_error = 1;   /* outside XML_Parse: nothing to stop */
+            self->halted = 1;
+            return -1;
+        }
+        memcpy(owned, self->buf + drop, (size_t)rest);
+    }
+    self->buf = owned;
+    self->len = self->cap = rest;
+    self->base += drop;
+    self->borrowed = 0;
+    return 0;
+}
+
 static void compact_and_check(Framer *self)
 {
     long long keep;
@@ -870,7 +912,10 @@ static void compact_and_check(Framer *self)
         keep = self->base;   /* header not complete yet */
     }
     Py_ssize_t drop = (Py_ssize_t)(keep - self->base);
-    if (drop > 0) {
+    if (self->borrowed) {
+        if (unborrow(self, drop) < 0)
+            return;
+    } else if (drop > 0) {
         memmove(self->buf, self->buf + drop, (size_t)(self->len - drop));
         self->len -= drop;
         self->base = keep;
@@ -947,6 +992,7 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL;
+    int borrowed_here = 0;
     if (self->p == NULL && !self->released) {
         PyErr_SetString(PyExc_RuntimeError, "Framer not initialised");
         goto done;
@@ -969,8 +1015,15 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
         PyErr_SetString(PyExc_RuntimeError, "Framer.feed is not reentrant");
         goto done;
     }
-    if (buf_append(self, view.buf, view.len) < 0)
+    if (self->len == 0) {
+        PyMem_Free(self->buf);
+        self->buf = (char *)view.buf;
+        self->len = self->cap = view.len;
+        self->borrowed = borrowed_here = 1;
+        self->feed_obj = arg;
+    } else if (buf_append(self, view.buf, view.len) < 0) {
         goto done;
+    }
     self->events = PyList_New(0);
     if (self->events == NULL)
         goto done;
@@ -1041,6 +1094,11 @@ static PyObject *Framer_feed(Framer *self, PyObject *arg)
     result = self->events;
     self->events = NULL;
 done:
+    if (borrowed_here) {
+        if (self->borrowed && unborrow(self, 0) < 0)
+            Py_CLEAR(result);
+        self->feed_obj = NULL;
+    }
     PyBuffer_Release(&view);
     return result;
 }

@@ -279,6 +279,7 @@ class TlsStream(trio.abc.Stream):
         self._sending = False
         self._receiving = False
         self._big_read = False       # a large ciphertext write grew the incoming BIO
+        self._handshake_buffers = True   # the BIOs still have the handshake flights' capacity
         self._read_error: SSL.Error | None = None   # met by _drain after bytes it returned
 
     # ------------------------------------------------------------------ moving ciphertext
@@ -455,26 +456,16 @@ class TlsStream(trio.abc.Stream):
             while True:
                 try:
                     # Everything OpenSSL can decrypt now (`_drain`); an error it met after
-                    # earlier bytes is raised here, with its reason; nothing at all is the
-                    # WantRead that makes us read the transport.
+                    # earlier bytes is raised here, with its reason; nothing at all means
+                    # reading the transport.
                     data = b"" if self._read_error is not None else self._drain(b"", size)
                     if not data and self._read_error is not None:
                         error, self._read_error = self._read_error, None
                         raise error
-                    if not data:
-                        if _ffi is not None:
-                            # _drain's SSL_read said so (pyOpenSSL's recv would allocate a
-                            # buffer of `size` to say the same).
-                            raise SSL.WantReadError()
+                    if not data and _ffi is None:
                         data = self._drain(self._conn.recv(size), size)
                 except SSL.WantReadError:
-                    # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.
-                    await self._flush(wait=False)
-                    if self._eof:
-                        await trio.lowlevel.checkpoint()
-                        return b""
-                    await self._refill()
-                    continue
+                    data = b""
                 except SSL.ZeroReturnError:     # close_notify
                     await trio.lowlevel.checkpoint()
                     return b""
@@ -485,6 +476,17 @@ class TlsStream(trio.abc.Stream):
                     raise self._fail("TLS read failed", exc) from None
                 except SSL.Error as exc:
                     raise self._fail("TLS read failed", exc) from None
+                if not data:
+                    # Wait outside the except clause: a waiting read must not keep an exception
+                    # alive, with its traceback's frames and their buffers (memory per idle
+                    # stream: pyOpenSSL's 64 KiB receive buffer was kept so).
+                    # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.
+                    await self._flush(wait=False)
+                    if self._eof:
+                        await trio.lowlevel.checkpoint()
+                        return b""
+                    await self._refill()
+                    continue
                 self._collect()
                 if self._outgoing:
                     await self._flush(wait=False)
@@ -541,29 +543,44 @@ class TlsStream(trio.abc.Stream):
         return data if len(chunks) == 1 else b"".join(chunks)
 
     def release_idle(self) -> bool:
-        """After a large read, once OpenSSL has taken every byte of it: replace the incoming
-        memory BIO by a fresh one, which gives back the old one's capacity (issue 13, memory
-        per idle stream: ~142 KiB instead of ~36 KiB per connection after 64 KiB bursts).
-        Nothing is lost: only an empty BIO is replaced, and OpenSSL's own record state is in
-        the connection, not in the BIO.  Whether it was replaced.  Uses pyOpenSSL's
-        `_into_ssl` (no API for this); without it, does nothing."""
-        if not self._big_read or not self._handshake_done or self._eof or self._closed or self._broken:
+        """Give back buffer capacity an idle stream does not need (issue 13, memory per idle
+        stream); whether anything was given back.
+
+        A memory BIO keeps the capacity of the largest write into it: the incoming one after
+        a large read (~142 KiB instead of ~36 KiB per connection after 64 KiB bursts), both
+        after the handshake's certificate flights (~5 KiB, bench/README.md).  An empty BIO is
+        replaced by a fresh one, the incoming one after each large read, both once after the
+        handshake.  Nothing is lost: only empty BIOs are replaced (and `_outgoing` only when
+        empty, so no send is in flight), and OpenSSL's record state is in the connection,
+        not in the BIOs.  Uses pyOpenSSL's `_into_ssl`/`_from_ssl` (no API for this);
+        without them, does nothing."""
+        if not (self._big_read or self._handshake_buffers) or not self._handshake_done \
+                or self._eof or self._closed or self._broken:
             return False
         conn = self._conn
-        old = getattr(conn, "_into_ssl", None)
         ssl_ptr = getattr(conn, "_ssl", None)
-        if old is None or ssl_ptr is None or _ffi is None:
+        if getattr(conn, "_into_ssl", None) is None or getattr(conn, "_from_ssl", None) is None \
+                or ssl_ptr is None or _ffi is None:
             return False
-        if _lib.BIO_get_mem_data(old, _ffi.new("char **")) != 0:
-            return False     # part of a record is still waiting for the rest
-        fresh = _lib.BIO_new(_lib.BIO_s_mem())
-        if fresh == _ffi.NULL:
-            return False
-        # SSL_set_bio with only the read BIO changed: OpenSSL frees the old one and owns this.
-        _lib.SSL_set_bio(ssl_ptr, fresh, conn._from_ssl)
-        conn._into_ssl = fresh
-        self._big_read = False
-        return True
+        released = False
+        if _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL) == 0:   # else part of a record waits
+            fresh = _lib.BIO_new(_lib.BIO_s_mem())
+            if fresh != _ffi.NULL:
+                # SSL_set_bio with only the read BIO changed: OpenSSL frees the old one and
+                # owns this one (SSL_set_bio(3), "only the rbio changed").
+                _lib.SSL_set_bio(ssl_ptr, fresh, conn._from_ssl)
+                conn._into_ssl = fresh
+                self._big_read = False
+                released = True
+        if self._handshake_buffers and released and not self._outgoing \
+                and _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL) == 0:
+            fresh = _lib.BIO_new(_lib.BIO_s_mem())
+            if fresh != _ffi.NULL:
+                _lib.SSL_set_bio(ssl_ptr, conn._into_ssl, fresh)   # only the wbio changed
+                conn._from_ssl = fresh
+                self._outgoing = bytearray()
+                self._handshake_buffers = False
+        return released
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()

@@ -406,9 +406,10 @@ def test_concurrent_bulk_transfer_both_ways_and_close_notify(pki, version):
 
 
 def test_a_fresh_incoming_bio_after_large_reads_loses_nothing(pki):
-    """Issue 13 (memory per idle stream): after a large read, once OpenSSL has taken all of
-    it, `release_idle` replaces the incoming memory BIO; bytes keep flowing both ways, byte
-    exact, whether it was replaced or (part of a record still waiting) not."""
+    """Issue 13 (memory per idle stream): once after the handshake, and after each large read
+    once OpenSSL has taken all of it, `release_idle` replaces empty memory BIOs; bytes keep
+    flowing both ways, byte exact, whether they were replaced or (part of a record still
+    waiting) not."""
     from proxy import tls as tls_module
 
     async def main():
@@ -420,7 +421,14 @@ def test_a_fresh_incoming_bio_after_large_reads_loses_nothing(pki):
             async with trio.open_nursery() as n:
                 n.start_soon(server.do_handshake)
                 n.start_soon(client.do_handshake)
-            assert server.release_idle() is False          # nothing large read yet
+            # Once after the handshake: both BIOs (the certificate flights' capacity) and the
+            # outgoing buffer; then nothing until a large read.
+            into, out = server._conn._into_ssl, server._conn._from_ssl
+            assert server.release_idle() is True
+            assert server._conn._into_ssl != into and server._conn._from_ssl != out
+            assert server.release_idle() is False
+            await server.send_all(b"after the swap")
+            assert await client.receive_some() == b"after the swap"
             for round_ in range(30):
                 payload = bytes([round_]) * (40_000 + 997 * round_)
                 got = bytearray()

@@ -224,6 +224,27 @@ def test_passed_stanzas_agree_and_are_exactly_the_routed_ones(items, cuts, relea
         assert [e for e in events if not isinstance(e, bytes)] == [e for e in plain if not routed(e)]
 
 
+def test_a_read_of_passed_stanzas_only_leaves_as_the_same_object_and_the_rest_is_kept():
+    """The C framer parses a read where it lies when nothing was held back (issue 13): a read
+    that is nothing but passed stanzas is forwarded as that very bytes object; a read that
+    ends inside one forwards the complete ones and keeps the rest, which the next read
+    completes."""
+    stanza = b"<message from='a@a.example/r' to='b@b.example' type='chat'><body>x</body></message>"
+    c = xmlstream.CXmlStreamParser()
+    c.feed(HEADERS[0])
+    c.routes = dict(ROUTES)
+    assert ("message", "a.example", "b.example") in c.routes
+    read = stanza * 3
+    (event,) = c.feed(read)
+    assert event is read
+    first = stanza * 2 + stanza[:20]
+    (event,) = c.feed(first)
+    assert event == stanza * 2 and event is not first
+    del first                                 # the caller's buffer goes; the tail was copied
+    (event,) = c.feed(bytearray(stanza[20:] + stanza))
+    assert event == stanza * 2 and isinstance(event, bytes)
+
+
 @settings(max_examples=300, deadline=None)
 @given(header=st.sampled_from(HEADERS), items=st.lists(st.sampled_from(
     [b"<message to='b@b.example' from='a@a.example'><body>x</body></message>", b" ", b"\n", b"\r\n",

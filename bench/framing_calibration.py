@@ -8,7 +8,8 @@ stanza, and stunnel's CPU over it is the best relay capacity ratio any expat-fra
 reach on this machine (issue 13).
 
 Measured in one process, without sockets, on the same stanzas as `bench/run.py`'s relay
-(`bench/loadclient.py`'s `stanza`), fed in 64 KiB pieces (what one read of the peer brings):
+(`bench/loadclient.py`'s `stanza`), fed in 256 KiB pieces (at most what one read of the peer
+brings):
 
 - `framer_us`: the proxy's framer as the relay runs it (`proxy.xmlstream.XmlStreamParser`,
   C or Python as `XMPP_DANE_PROXY_FRAMER` selects, with the stanzas' route authorised, so
@@ -32,7 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from loadclient import HEADER, LOCAL, PEER, stanza  # noqa: E402
 from proxy.xmlstream import XmlStreamParser  # noqa: E402
 
-READ = 65536          # bytes fed at a time: one read of the peer's stream
+READ = 262144         # bytes fed at a time: one read of the peer's TLS stream (proxy/inbound.py _PEER_READ)
 TOTAL = 16 << 20      # bytes framed per round
 ROUNDS = 7
 

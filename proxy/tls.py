@@ -507,10 +507,10 @@ class TlsStream(trio.abc.Stream):
         next call, with OpenSSL's reason.
         """
         if _ffi is not None and size - len(data) <= _DRAIN_BYTES:
-            # Straight to SSL_read, into one buffer: a peer writing one record per stanza
-            # (Prosody, ejabberd, the benchmark) puts ~60 records in a 64 KiB read, and
-            # pyOpenSSL's recv costs ~1 µs of Python on each (issue 13).  The buffer is the
-            # thread's: nothing awaits between filling it and copying it out.
+            # Straight to SSL_read, into one buffer: a read can hold many records (dozens
+            # from a peer that writes one per stanza), and pyOpenSSL's recv costs ~1 µs of
+            # Python and a fresh buffer of the requested size on each (issue 13).  The buffer
+            # is the thread's: nothing awaits between filling it and copying it out.
             ssl, buf, want, got = self._conn._ssl, _scratch_buffer(), size - len(data), 0
             while got < want:
                 n = _lib.SSL_read(ssl, buf + got, want - got)

@@ -407,23 +407,20 @@ class Resolver:
                 self._probes[ns] = results[ns]
                 if before is None or before.ok != results[ns].ok:
                     self.validation_epoch += 1
-                if self._on_probe is not None and (before is None or before.ok != results[ns].ok):
-                    self._on_probe(results[ns])
+                    if self._on_probe is not None:
+                        self._on_probe(results[ns])
             self._probed_at = self._clock()
         return self.probe_results()
 
     def probe_due(self) -> bool:
         """Whether the next lookup runs the DNSSEC probe first (it is over `probe_interval`
         old, or was never made)."""
-        return self._probe_due()
-
-    def _probe_due(self) -> bool:
         if self.probe_name is None:
             return False
         return self._probed_at is None or self._clock() - self._probed_at >= self.probe_interval
 
     async def _probe_if_due(self) -> None:
-        if not self._probe_due():
+        if not self.probe_due():
             return
         if self._probe_lock.locked():
             async with self._probe_lock:  # someone is probing: wait for their result
@@ -479,7 +476,7 @@ class Resolver:
         except dns.exception.DNSException:
             raise ValueError(f"unknown DNS record type {rdtype!r}") from None
         key = (qname, int(qtype))
-        if self._probe_due():
+        if self.probe_due():
             result: list[tuple[Answer, bool]] = []
             # The probe runs beside the lookup, so a dead resolver costs one timeout, not two.
             async with trio.open_nursery() as nursery:

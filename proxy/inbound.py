@@ -240,12 +240,7 @@ class InboundConnection:
     async def _read_peer(self) -> None:
         idle = self.settings.idle_timeout
         while self.session.reading_peer:
-            size = _RECEIVE_SIZE
-            if isinstance(self.peer_stream, TlsStream):
-                # Released when a read waits, not after each one: a busy stream keeps its
-                # parser (a new one per read cost ~13 µs, bench/), an idle one gives it back.
-                self.peer_stream.before_wait = self._peer_idle
-                size = _PEER_READ
+            size = _PEER_READ if isinstance(self.peer_stream, TlsStream) else _RECEIVE_SIZE
             try:
                 # limits.idle_timeout (0 = off) once a pair is authenticated; before that the
                 # handshake deadline around this loop bounds every read.  Off: no scope per read.
@@ -395,6 +390,9 @@ class InboundConnection:
                 return
         ctx = self.settings.certificates.context_for(action.server_name)
         tls = TlsStream(self.raw, ctx, server_side=True, prefix=prefix)
+        # What a stream needs only while busy is released when a read waits, not after each
+        # read: a busy stream keeps its parser (a new one per read cost ~13 µs, bench/).
+        tls.before_wait = self._peer_idle
         try:
             await tls.do_handshake()
         except TlsError as exc:

@@ -32,7 +32,7 @@ from ejabberdenv import EjabberdHost, ejabberd_factory, ejabberd_libs  # noqa: F
 from pki import TestCA, self_signed
 from prosodyenv import ProsodyDns, VirtualHost, free_port, prosody_factory  # noqa: F401 (fixture)
 from proxyenv import RunningProxy, write_config, write_policies
-from xmppclient import XmppError, deliver_message
+from xmppclient import deliver_message
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "ejabberd"
 USER, PASSWORD = "u", "pw"
@@ -59,14 +59,16 @@ def module_dir(tmp_path_factory) -> Path:
 
 
 class Listener:
-    """A TCP listener that accepts and counts connections in a thread, keeping them open and
-    answering nothing: a peer that must not be reached directly."""
+    """A TCP listener that accepts and counts connections in a thread and answers nothing: a
+    peer that must not be reached directly.  It keeps them open, or with `close_each` closes
+    each at once (so a proxy that did connect fails fast instead of waiting for a handshake)."""
 
-    def __init__(self, ip: str) -> None:
+    def __init__(self, ip: str, *, close_each: bool = False) -> None:
         self.sock = socket.socket()
         self.sock.bind((ip, 0))
         self.sock.listen(16)
         self.address = self.sock.getsockname()
+        self.close_each = close_each
         self.accepted: list[socket.socket] = []
         self._arrived = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -78,6 +80,8 @@ class Listener:
                 conn, _ = self.sock.accept()
             except OSError:   # closed by close()
                 return
+            if self.close_each:
+                conn.close()
             self.accepted.append(conn)
             self._arrived.set()
 

@@ -18,8 +18,6 @@ dNSName SANs only (ejabberd 23.01 crashes on an xmppAddr SAN when checking EXTER
 from __future__ import annotations
 
 import re
-import socket
-import threading
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,8 +28,8 @@ from ejabberdenv import EjabberdHost, ejabberd_factory  # noqa: F401 (fixture)
 from prosodyenv import ProsodyDns, VirtualHost, free_port, prosody_factory  # noqa: F401 (fixture)
 from proxyenv import RunningProxy, write_config, write_policies
 from test_ejabberd_outbound import (  # noqa: F401 (fixtures)
-    BACKEND_IP, CA, PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, _peer_domain, _site, ca_file, module_dir,
-    send_for_bounce,
+    BACKEND_IP, CA, PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, Listener, _peer_domain, _site, ca_file,
+    module_dir, send_for_bounce,
 )
 from xmppclient import NS_DIALBACK, NS_SERVER, XmppStream, deliver_message, stream_header
 
@@ -135,37 +133,6 @@ def test_an_external_only_peer_that_refuses_the_certificate_bounces_with_its_rea
         assert "must not arrive" not in peer.log_text()
 
 
-class CountingListener:
-    """The peer's published address: counts connections and closes each at once (so a proxy
-    that did connect fails fast instead of waiting for a handshake)."""
-
-    def __init__(self, ip: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((ip, 0))
-        self.sock.listen(16)
-        self.address = self.sock.getsockname()
-        self.accepted = 0
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self._thread.join(5)
-
-
 async def _dialback_to_backend(backend_addr, peer: str, local: str, key_for) -> str | None:
     """As the proxy's inbound side does for a peer it accepted by certificate: a plaintext
     stream from `peer` to the backend, a `<db:result>` with `key_for(backend's stream id)`;
@@ -187,7 +154,7 @@ async def _dialback_to_backend(backend_addr, peer: str, local: str, key_for) -> 
 @pytest.mark.parametrize("key", ["minted", "control-not-ours"])
 def test_ejabberd_backend_verifies_a_proxy_key_with_no_connection_to_the_peer(
         ejabberd_factory, dns_env, ca_file, module_dir, tmp_path, key):
-    peer_listener = CountingListener(PEER_IP)
+    peer_listener = Listener(PEER_IP, close_each=True)
     with ExitStack() as stack:
         stack.callback(peer_listener.close)
         local, proxy, backend = _site(stack, tmp_path, dns_env, ca_file, ejabberd_factory, module_dir)
@@ -209,12 +176,12 @@ def test_ejabberd_backend_verifies_a_proxy_key_with_no_connection_to_the_peer(
             assert answered["local"] == local
             # ejabberd's verification stream went to the proxy, which answered it: nothing at
             # the peer, not even a TCP connection; no verdict was needed.
-            assert peer_listener.accepted == 0
+            assert peer_listener.connections() == 0
             assert proxy.decisions(direction="outbound", domain=name) == []
         else:
             assert answer != "valid"
             proxy.log.wait_for(TIMEOUT, event="peer-unreachable", domain=name)
-            assert peer_listener.accepted >= 1          # the control: this key needed the peer
+            assert peer_listener.connections() >= 1          # the control: this key needed the peer
 
 
 # The dialback fallback with a real peer: a Prosody peer that does not trust the proxy's

@@ -180,12 +180,10 @@ def ca_file(tmp_path_factory) -> Path:
     return CA.write_root(tmp_path_factory.mktemp("ca") / "root.pem")
 
 
-def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_factory, module_dir,
-          policies: dict | None = None, **backend_kwargs):
-    """The local site: the proxy (inbound on PROXY_IP, `outbound.listen` on loopback, in-process)
-    and an ejabberd backend for a fresh domain L routing its outgoing S2S there with the module.
-    L's SRV points at the proxy's inbound side, so a peer checking the backend's dialback key
-    comes back through the proxy too."""
+def _local_proxy(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, policies: dict | None = None):
+    """A fresh domain L and the proxy for it (inbound on PROXY_IP, `outbound.listen` on
+    loopback, in-process), relaying to a backend port on BACKEND_IP: (L, proxy, that port).
+    Start the backend, then `_publish_local`."""
     local = dns_env.fresh(dns_env.secure, "home")
     backend_port = free_port(BACKEND_IP)
     cert_path, key_path = CA.issue([local]).write(tmp_path / "proxy", local)
@@ -200,12 +198,26 @@ def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_fac
     proxy = stack.enter_context(RunningProxy(config))
     # Shown by pytest only when the test fails.
     stack.callback(lambda: print("--- proxy log\n" + proxy.log.text()))
+    return local, proxy, backend_port
+
+
+def _publish_local(dns_env, local: str, proxy) -> None:
+    """L's SRV points at the proxy's inbound side, so a peer checking the backend's dialback
+    key comes back through the proxy too."""
+    in_ip, in_port = proxy.inbound
+    dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
+
+
+def _site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, ejabberd_factory, module_dir,
+          policies: dict | None = None, **backend_kwargs):
+    """The local site: `_local_proxy` and an ejabberd backend for L routing its outgoing S2S
+    to the proxy's `outbound.listen` with the module."""
+    local, proxy, backend_port = _local_proxy(stack, tmp_path, dns_env, ca_file, policies)
     out_ip, out_port = proxy.outbound
     backend = ejabberd_factory(
         [EjabberdHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
         modules={"mod_s2s_dane_proxy": {"ip": out_ip, "port": out_port}}, code_paths=[module_dir], **backend_kwargs)
-    in_ip, in_port = proxy.inbound
-    dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
+    _publish_local(dns_env, local, proxy)
     return local, proxy, backend
 
 

@@ -25,11 +25,10 @@ import pytest
 import trio
 
 from ejabberdenv import EjabberdHost, ejabberd_factory  # noqa: F401 (fixture)
-from prosodyenv import ProsodyDns, VirtualHost, free_port, prosody_factory  # noqa: F401 (fixture)
-from proxyenv import RunningProxy, write_config, write_policies
+from prosodyenv import ProsodyDns, VirtualHost, prosody_factory  # noqa: F401 (fixture)
 from test_ejabberd_outbound import (  # noqa: F401 (fixtures)
-    BACKEND_IP, CA, PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, Listener, _peer_domain, _site, ca_file,
-    module_dir, send_for_bounce,
+    BACKEND_IP, CA, PASSWORD, PEER_IP, PROXY_IP, TIMEOUT, USER, Listener, _local_proxy, _peer_domain,
+    _publish_local, _site, ca_file, module_dir, send_for_bounce,
 )
 from xmppclient import NS_DIALBACK, NS_SERVER, XmppStream, deliver_message, stream_header
 
@@ -37,24 +36,14 @@ PROSODY_CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "prosody"
 
 
 def _prosody_site(stack: ExitStack, tmp_path: Path, dns_env, ca_file: Path, prosody_factory):
-    """The proxy (inbound on PROXY_IP, `outbound.listen` on loopback) and a Prosody backend for a
-    fresh domain L whose outgoing S2S goes to the proxy through contrib/prosody's module."""
-    local = dns_env.fresh(dns_env.secure, "home")
-    backend_port = free_port(BACKEND_IP)
-    cert_path, key_path = CA.issue([local]).write(tmp_path / "proxy", local)
-    config = write_config(
-        tmp_path / "proxy" / "config.toml", listen=[f"{PROXY_IP}:0"], backend=f"{BACKEND_IP}:{backend_port}",
-        domains=[(local, cert_path, key_path)], nameservers=[dns_env.resolver_address],
-        policy_dir=write_policies(tmp_path / "policy.d", {}), ca_file=ca_file, outbound_listen=["127.0.0.1:0"],
-        dns_timeout=8.0, handshake_timeout=20.0)
-    proxy = stack.enter_context(RunningProxy(config))
-    stack.callback(lambda: print("--- proxy log\n" + proxy.log.text()))
+    """`_local_proxy` and a Prosody backend for L whose outgoing S2S goes to the proxy through
+    contrib/prosody's module."""
+    local, proxy, backend_port = _local_proxy(stack, tmp_path, dns_env, ca_file)
     out_ip, out_port = proxy.outbound
     backend = prosody_factory(
         [VirtualHost(local, users={USER: PASSWORD})], mode="backend", address=BACKEND_IP, s2s_port=backend_port,
         modules=["s2s_dane_proxy"], plugin_paths=[PROSODY_CONTRIB], extra_config=f's2s_dane_proxy = "{out_ip}:{out_port}"')
-    in_ip, in_port = proxy.inbound
-    dns_env.publish_xmpp(local, f"xmpp.{local}", in_port, in_ip, None)
+    _publish_local(dns_env, local, proxy)
     return local, proxy, backend
 
 

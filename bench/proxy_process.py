@@ -79,10 +79,12 @@ async def dump_memory_on_signal(path: str) -> None:
 
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
         async for _ in signals:
+            target = path if Path(path + ".before").exists() else path + ".before"
             lines = []
             for key in ("lineno", "traceback") if tracemalloc.is_tracing() else ():
                 if key == "lineno":
                     snapshot = tracemalloc.take_snapshot()
+                    snapshot.dump(target + ".snap")   # for Snapshot.compare_to: what each stream holds
                     lines.append(f"traced: {tracemalloc.get_traced_memory()[0]} bytes")
                 lines.append(f"--- top by {key}")
                 for stat in snapshot.statistics(key)[:40 if key == "lineno" else 12]:
@@ -106,7 +108,6 @@ async def dump_memory_on_signal(path: str) -> None:
                 pass
             lines.append("--- smaps_rollup")
             lines.append(Path("/proc/self/smaps_rollup").read_text())
-            target = path if Path(path + ".before").exists() else path + ".before"
             Path(target + ".tmp").write_text("\n".join(lines))
             os.replace(target + ".tmp", target)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 
 import idna
 
@@ -54,7 +55,9 @@ def read_domain(name: str) -> str:
 
     RFC 7622 §3.2: one final label separator is stripped before a domainpart is compared."""
     if len(name) <= _MAX_DNS_NAME + 1 and _LDH_NAME.fullmatch(name):
-        return name.lower().removesuffix(".")
+        # Interned: every stream of a peer keeps its domains (pairs, verdicts) for life, and
+        # one copy per domain beats one per stream (issue 13, memory per idle stream).
+        return sys.intern(name.lower().removesuffix("."))
     return _read_slowly(name)
 
 

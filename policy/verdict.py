@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from policy.tlsa import TlsaRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # a stream keeps the verdicts of its pairs
 class Verdict:
     """accept/reject, the prooftype that succeeded, the record and identity it rested on,
     the DNS status of each piece of evidence, and a one-line reason for a person."""

@@ -40,7 +40,8 @@ from policy.posh import PoshResult
 from policy.verdict import Verdict, reject
 from proxy.posh_fetch import PoshFetcher, decide_with_posh, shared_fetcher
 from proxy.tcp_connect import HAPPY_EYEBALLS_DELAY, ConnectError, format_address, open_tcp, order_addresses
-from proxy.tls import ALPN_XMPP_SERVER, TlsError, TlsInfo, TlsStream, client_context, describe_openssl_error
+from proxy.tls import (ALPN_XMPP_SERVER, TlsError, TlsInfo, TlsStream, UnreadableCertificate, client_context,
+                       describe_openssl_error)
 from proxy.xmlstream import (
     NS_STREAM_ERRORS, NS_STREAMS, NS_TLS, DEFAULT_MAX_STANZA_BYTES, Element, StreamClosed,
     StreamOpened, XmlError, XmlStreamParser, stream_header,
@@ -274,6 +275,7 @@ async def attempt_target(
             tls = TlsStream(tcp, ctx, server_side=False, server_hostname=peer.domain)
             await tls.do_handshake()
             attempt.tls = tls.info()
+            stage = "reading the server's certificate chain"
             attempt.chain = attempt.tls.chain
         if scope.cancelled_caught:
             attempt.error = f"timed out after {timeout:g} s in {stage}"
@@ -287,6 +289,8 @@ async def attempt_target(
         attempt.error = f"connection lost in {stage}: {describe_openssl_error(exc) if isinstance(exc, SSL.Error) else exc}"
     except SSL.Error as exc:
         attempt.error = f"{stage} failed: {describe_openssl_error(exc)}"
+    except UnreadableCertificate as exc:   # one OpenSSL took but `cryptography` cannot read
+        attempt.error = f"{stage} failed: {exc}"
 
     if attempt.error is None:
         attempt.verdict, attempt.posh = await decide_with_posh(

@@ -11,11 +11,13 @@ import logging
 import math
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from policy.verdict import Verdict
 from proxy import eager_io
 from proxy.admission import UnauthenticatedSlot
 from proxy.config import parse_hostport
@@ -28,7 +30,7 @@ from proxy.inbound_session import (
 from proxy.keepalive import enable_keepalive
 from proxy.logsetup import format_peer, log_decision
 from proxy.streamerrors import StreamError
-from proxy.tls import ServerCertificates, TlsError, TlsStream
+from proxy.tls import ServerCertificates, TlsError, TlsStream, UnreadableCertificate
 from proxy.xmlstream import DEFAULT_MAX_STANZA_BYTES
 
 log = logging.getLogger("xmpp_dane_proxy.inbound")
@@ -128,6 +130,14 @@ async def open_backend(backend: str) -> trio.abc.Stream:
 class InboundConnection:
     """The trio shell around one `InboundSession`: reads, performs actions, closes."""
 
+    # Slots, not a dict per connection (issue 13, memory per idle stream).
+    __slots__ = (
+        "settings", "admission", "raw", "peer_stream", "backend", "_backend_sock", "_sockaddrs", "peer",
+        "metrics", "started", "session", "_peer_lock", "_backend_lock", "_close_done", "_close_waiter", "_nursery",
+        "_handshake_scope", "_idle_scope", "_header_deadline", "close_reason",
+        "close_condition", "outcome", "verdicts", "_peer_activity", "_watched",
+    )
+
     def __init__(self, transport: trio.SocketStream, settings: InboundSettings, *,
                  admission: "UnauthenticatedSlot | None" = None) -> None:
         self.settings = settings
@@ -146,24 +156,29 @@ class InboundConnection:
         self.started = trio.current_time()
         self.session = InboundSession(
             settings.local_domains, max_stanza_bytes=settings.max_stanza_bytes,
-            describe_backend=f"backend {settings.backend}",
+            describe_backend=sys.intern(f"backend {settings.backend}"),   # one copy, not one per stream
             sasl_external=settings.sasl_external, dialback_keys=settings.dialback_keys)
-        self._peer_lock = trio.Lock()
-        self._backend_lock = trio.Lock()
-        self._closed = trio.Event()
+        self._peer_lock = eager_io.Lock()
+        self._backend_lock = eager_io.Lock()
+        # The Close action was performed; _run's wait for it, made only when it waits (an
+        # Event per idle stream is 0.2 KiB, issue 13).
+        self._close_done = False
+        self._close_waiter: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._handshake_scope: trio.CancelScope | None = None
         self._idle_scope: trio.CancelScope | None = None
         self._header_deadline: trio.CancelScope | None = None   # _backend_header_deadline's wait
-        self._verdicts: dict[str, object] = {}
         self.close_reason = ""
         self.close_condition: str | None = None
         # Settled when the connection ends (`_settle`): the session's ending, system-shutdown
         # when cancelled from outside, internal-error only when an exception escaped.
         self.outcome = "internal-error"
-        self.verdicts: list[tuple[str, object]] = []   # (domain, Verdict) in order
-        self._peer_activity = trio.Event()   # set (and replaced) whenever the peer sends bytes
-        self._grace_watching = False          # ... once _grace watches it (not per read before)
+        # (domain, Verdict) in order, one per domain: a stream's few pairs are looked up here
+        # (_check) rather than in a dict beside it.
+        self.verdicts: list[tuple[str, Verdict]] = []
+        # Set (and replaced) whenever the peer sends bytes, once _grace watches (None before:
+        # no Event per stream, none set per read, until then).
+        self._peer_activity: trio.Event | None = None
         self._watched: list[object] = []   # proxy.reverify handles of accepted domains
 
     async def run(self) -> None:
@@ -190,12 +205,13 @@ class InboundConnection:
                 if scope.cancelled_caught and not self.session.closed:
                     with trio.move_on_after(_CLOSE_TIMEOUT):
                         await self._perform(self.session.timed_out(self.settings.handshake_timeout))
-                if not self._closed.is_set():
+                if not self._close_done:
                     # The peer ended its stream, or the session closed in another task that is
                     # still sending the last bytes (the final </stream:stream>): let it finish
                     # and give the backend time to end its own stream.
                     with trio.move_on_after(CLOSE_GRACE):
-                        await self._closed.wait()
+                        self._close_waiter = trio.Event()
+                        await self._close_waiter.wait()
                     if not self.session.closed:
                         self.close_reason = "the backend did not close its stream in time"
                         self.outcome = "ok"
@@ -261,12 +277,13 @@ class InboundConnection:
             except StreamError as exc:   # a framing transport (proxy.websocket) judged the peer
                 await self._perform(self.session.peer_error(exc.condition, exc.text))
                 continue
-            if data and self._grace_watching:
+            if data and self._peer_activity is not None:
                 self._peer_activity.set()
                 self._peer_activity = trio.Event()
             if self.metrics is not None and data and self.session.negotiated:
                 self.metrics.relayed("inbound", "peer", len(data))
             await self._perform(self.session.peer_data(data) if data else self.session.peer_eof())
+            del data   # not kept through the next wait (issue 13, memory per idle stream)
             if not isinstance(self.peer_stream, TlsStream):
                 self.session.release_idle()
 
@@ -279,9 +296,19 @@ class InboundConnection:
 
     async def _read_backend(self) -> None:
         assert self.backend is not None
+        sock = self._backend_sock
         while not self.session.closed:
             try:
-                data = await self.backend.receive_some(_RECEIVE_SIZE)
+                if sock is None:
+                    data = await self.backend.receive_some(_RECEIVE_SIZE)
+                else:
+                    # Straight from the kernel socket: an idle stream's waiting read holds
+                    # three frames fewer than through trio's SocketStream (issue 13, memory
+                    # per idle stream) ...
+                    data = await eager_io.receive_some(sock, _RECEIVE_SIZE)
+                    # ... and the one yield per read trio's would make, so a backend whose
+                    # data never stops cannot starve the other streams.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.backend_eof(str(exc)))
                 return
@@ -290,6 +317,7 @@ class InboundConnection:
             await self._perform(self.session.backend_data(data) if data else self.session.backend_eof())
             if not data:
                 return
+            del data   # not kept through the next wait
             if self._header_deadline is not None and self.session.backend_answered:
                 self._header_deadline.cancel()   # one task less per stream from here on
                 self._header_deadline = None
@@ -330,13 +358,15 @@ class InboundConnection:
                 if not self.close_reason:
                     self.close_reason, self.close_condition = action.reason, action.condition
                     self.outcome = action.outcome
-                self._closed.set()
+                self._close_done = True
+                if self._close_waiter is not None:
+                    self._close_waiter.set()
                 if self._nursery is not None:
                     self._nursery.cancel_scope.cancel()
 
     async def _send_peer(self, data: bytes) -> None:
         try:
-            await eager_io.acquire(self._peer_lock)
+            await self._peer_lock.acquire()
             try:
                 await self.peer_stream.send_all(data)
             finally:
@@ -348,7 +378,7 @@ class InboundConnection:
         if self.backend is None:
             return
         try:
-            await eager_io.acquire(self._backend_lock)
+            await self._backend_lock.acquire()
             try:
                 if self._backend_sock is not None:
                     await eager_io.send_all(self._backend_sock, data)
@@ -361,13 +391,14 @@ class InboundConnection:
 
     async def _grace(self, action: PeerGrace) -> None:
         """`PeerGrace`: wait until the peer is quiet for `action.quiet` s (or `limit` is up)."""
-        self._grace_watching = True
+        if self._peer_activity is None:
+            self._peer_activity = trio.Event()
         with trio.move_on_after(action.limit):
             if action.quiet is None:
                 await trio.sleep_forever()
             while True:
                 with trio.move_on_after(action.quiet) as quiet:
-                    await self._peer_activity.wait()
+                    await self._peer_activity.wait()   # replaced by each read, never None here
                 if quiet.cancelled_caught:
                     break
         await self._perform(self.session.grace_over())
@@ -401,7 +432,7 @@ class InboundConnection:
         self.peer_stream = tls
         info = tls.info()
         _log(logging.DEBUG, "tls", peer=self.peer, version=info.protocol, cipher=info.cipher,
-             sni=info.server_name, alpn=info.alpn, direct_tls=action.direct, client_cert=bool(info.chain))
+             sni=info.server_name, alpn=info.alpn, direct_tls=action.direct, client_cert=bool(info.chain_der))
         await self._perform(self.session.tls_established(info))
 
     async def _connect_backend(self) -> None:
@@ -437,10 +468,9 @@ class InboundConnection:
             await self._perform(self.session.backend_silent(timeout))
 
     async def _check(self, action: CheckDialback) -> None:
-        verdict = self._verdicts.get(action.sender)
+        verdict = next((v for domain, v in self.verdicts if domain == action.sender), None)
         if verdict is None:
             verdict = await self._evaluate(action.sender)
-            self._verdicts[action.sender] = verdict
             self.verdicts.append((action.sender, verdict))
             log_decision("inbound", self.peer, action.sender, verdict.log_fields())
             if self.metrics is not None:
@@ -471,7 +501,10 @@ class InboundConnection:
         except Exception as exc:
             return reject(f"DNS evidence for {domain} could not be gathered ({type(exc).__name__}: {exc}); failing closed",
                           policy_source=policy.source)
-        chain = list(tls.chain) if tls is not None else []
+        try:
+            chain = list(tls.chain) if tls is not None else []
+        except UnreadableCertificate as exc:   # fail closed, and say which certificate
+            return reject(f"the peer's chain: {exc}", policy_source=policy.source)
         try:
             verdict, _posh = await decide_with_posh(chain, evidence, policy, trust=self.settings.trust,
                                                     fetcher=self.settings.posh)

@@ -84,6 +84,8 @@ def describe_element(element: Node) -> str:
 class DomainPairs:
     """The domain-pair steps of `InboundSession` (see the module docstring)."""
 
+    __slots__ = ()   # the attributes are InboundSession's
+
     # ------------------------------------------------------------------ verdicts
 
     def verdict(self, sender: str, target: str, accepted: bool, reason: str,
@@ -109,8 +111,7 @@ class DomainPairs:
             self.rejected[pair] = reason
             self._reject_dialback(sender, target, reason)
         elif accepted:
-            self.accepted.add(pair)
-            self.prooftypes[pair] = prooftype
+            self.accepted[pair] = prooftype
             self.rejected.pop(pair, None)
             if not self._backend_closed_sent:   # the peer may have ended meanwhile
                 self._out.append(SendToBackend(self._result_for_backend(element, pair)))
@@ -148,7 +149,7 @@ class DomainPairs:
         self._peer_parser = self._new_peer_parser()
         assert self._peer_header is not None
         events = self._peer_parser.feed(self._peer_header.raw + trailing)
-        self._queue.extendleft(reversed([e for e in events if not isinstance(e, StreamOpened)]))
+        self._enqueue([e for e in events if not isinstance(e, StreamOpened)], first=True)
 
     # ------------------------------------------------------------------ dialback
 
@@ -240,7 +241,7 @@ class DomainPairs:
         is then answered by the proxy's outbound side with no connection to the peer), the
         peer's bytes when dialback itself is the proof (prooftype `tls`) or no stream id is
         known to bind a key to."""
-        if not (self._sasl_external and self.backend_stream_id and certificate_proved(self.prooftypes.get(pair))):
+        if not (self._sasl_external and self.backend_stream_id and certificate_proved(self.accepted.get(pair))):
             return el.raw
         assert self.keys is not None
         return proxy_db_result(self.keys, pair[0], pair[1], self.backend_stream_id)
@@ -309,8 +310,7 @@ class DomainPairs:
             self._sasl_failed("not-authorized", f"{pair[0]} not authenticated: {reason}")
             return
         assert self.keys is not None and self.backend_stream_id
-        self.accepted.add(pair)
-        self.prooftypes[pair] = prooftype
+        self.accepted[pair] = prooftype
         self.rejected.pop(pair, None)
         self.sasl.pair = pair
         self.sasl.awaiting_restart = True
@@ -326,7 +326,7 @@ class DomainPairs:
         self._peer_parser = self._new_peer_parser()
         self._header_sent = False
         self._peer_bound = []
-        self._queue.extend(self._peer_parser.feed(trailing))
+        self._enqueue(self._peer_parser.feed(trailing))
 
     def _on_restart(self, header: StreamOpened) -> None:
         """The peer's header after `<success/>` (RFC 6120 §6.4.6): ours with a new stream id

@@ -33,9 +33,11 @@ The flow, and what the peer gets when it breaks a rule (always with a `<text>` r
 """
 from __future__ import annotations
 
+import functools
 import secrets
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
 
 from policy.domain_reading import DomainReadingError, domainpart, read_domain
 from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
@@ -73,6 +75,13 @@ NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 # would carry the backend's outgoing traffic past the outbound verification (DESIGN §3.2).
 _WITHHELD = frozenset({(NS_TLS, "starttls"), (NS_SASL, "mechanisms"), (NS_BIDI_FEATURE, "bidi")})
 _XML_DECL = b"<?xml version='1.0'?>"
+_NOTHING: Mapping = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=16)
+def _local_readings(domains: frozenset[str]) -> frozenset[str]:
+    # One set for all the streams of a configuration, not one per stream (issue 13).
+    return frozenset(local_reading(d) for d in domains)
 _PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 _FEATURES_STARTTLS = (
     b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
@@ -102,6 +111,18 @@ class InboundSession(DomainPairs):
     in a queue, so nothing is reordered and nothing is judged before its turn.
     """
 
+    # A stream holds its session for life: slots keep it at ~0.4 KiB, where its ~45
+    # attributes make a per-instance dict of ~2.5 KiB (issue 13, memory per idle stream).
+    __slots__ = (
+        "local_domains", "max_stanza_bytes", "backend_max_element_bytes", "describe_backend", "state",
+        "direct_tls", "tls", "local_domain", "peer_domain", "dialback_errors", "accepted", "rejected",
+        "authenticated", "rejections", "keys", "_sasl_external", "sasl", "_websocket",
+        "_end_after_release", "_handshake_over", "_peer_bound", "_peer_bound_bytes", "backend_stream_id",
+        "_peer_parser", "_backend_parser", "_queue", "_waiting", "_pending_result", "_peer_header",
+        "_header_sent", "_backend_header_seen", "_backend_closed_sent", "_backend_lost", "_gone_reason",
+        "returned", "undeliverable", "ending", "_out",
+    )
+
     def __init__(
         self,
         local_domains: Collection[str],
@@ -112,7 +133,7 @@ class InboundSession(DomainPairs):
         sasl_external: bool = False,
         dialback_keys: DialbackKeys | None = None,
     ) -> None:
-        self.local_domains = frozenset(local_reading(d) for d in local_domains)
+        self.local_domains = _local_readings(frozenset(local_domains))
         self.max_stanza_bytes = max_stanza_bytes
         self.backend_max_element_bytes = max(backend_max_element_bytes, max_stanza_bytes)
         self.describe_backend = describe_backend
@@ -125,7 +146,8 @@ class InboundSession(DomainPairs):
         self.local_domain: str | None = None     # the stream's `to`
         self.peer_domain: str | None = None      # the stream's `from`, if given
         self.dialback_errors = False             # peer declared jabber:server:dialback
-        self.accepted: set[tuple[str, str]] = set()       # (sender, target) our policy accepted
+        # (sender, target) our policy accepted -> the verdict's prooftype
+        self.accepted: dict[tuple[str, str], str | None] = {}
         self.rejected: dict[tuple[str, str], str] = {}    # ... and rejected, with the reason
         self.authenticated: set[tuple[str, str]] = set()  # accepted AND backend said valid
         self.rejections = 0
@@ -137,7 +159,6 @@ class InboundSession(DomainPairs):
         self.keys = dialback_keys
         self._sasl_external = sasl_external and dialback_keys is not None
         self.sasl = ExternalAuth()
-        self.prooftypes: dict[tuple[str, str], str | None] = {}   # accepted pair -> verdict's prooftype
         self._websocket = False          # RFC 7395 has no stream restart: no SASL there
         self._end_after_release = False  # the peer ended while stanzas were held for the backend
         self._handshake_over = False     # `Authenticated` was announced
@@ -146,7 +167,9 @@ class InboundSession(DomainPairs):
         self.backend_stream_id: str | None = None
         self._peer_parser = XmlStreamParser(max_stanza_bytes=max_stanza_bytes, stop_after=self._is_starttls)
         self._backend_parser: XmlStreamParser | None = None
-        self._queue: deque = deque()
+        # Peer events waiting their turn; None when there are none and the stream is idle
+        # (release_idle): an empty deque is 0.7 KiB (issue 13, memory per idle stream).
+        self._queue: deque | None = deque()
         self._waiting: CheckDialback | ConnectBackend | StartTls | None = None
         self._pending_result: Element | None = None
         self._peer_header: StreamOpened | None = None
@@ -194,6 +217,14 @@ class InboundSession(DomainPairs):
             self._peer_parser.release_idle()
             if self._backend_parser is not None:
                 self._backend_parser.release_idle()
+            if not self._queue:
+                self._queue = None
+            header = self._peer_header
+            if header is not None and (header.attrs or header.namespaces):
+                # Once a pair is authenticated our header was sent long ago and only the peer
+                # header's bytes are still read (re-parsing held data, resuming after <auth/>):
+                # its attributes and namespaces (~1 KiB) are dropped.
+                self._peer_header = StreamOpened(_NOTHING, _NOTHING, header.raw)
 
     # ------------------------------------------------------------------ inputs: peer
 
@@ -210,7 +241,7 @@ class InboundSession(DomainPairs):
                 self._waiting = StartTls(None, data, True)
                 return [self._waiting]
             self.state = "header"
-        self._queue.extend(self._peer_parser.feed(data))
+        self._enqueue(self._peer_parser.feed(data))
         return self._drain()
 
     def peer_eof(self, reason: str = "") -> list[Action]:
@@ -255,7 +286,7 @@ class InboundSession(DomainPairs):
         self.state = "tls-header"
         # DESIGN §3.3: EXTERNAL needs a certificate to rest on (RFC 6120 §6.3.4: it uses
         # credentials of the lower layer); WebSocket peers get none (no restart in RFC 7395).
-        self.sasl = ExternalAuth(offerable=self._sasl_external and bool(info.chain) and not self._websocket)
+        self.sasl = ExternalAuth(offerable=self._sasl_external and bool(info.chain_der) and not self._websocket)
         # RFC 6120 §5.4.3.3: after TLS both sides restart with fresh parsers and headers.
         self._peer_parser = self._new_peer_parser()
         self._header_sent = False
@@ -277,7 +308,7 @@ class InboundSession(DomainPairs):
         gets, after the events already queued."""
         if self.closed:
             return []
-        self._queue.append(XmlError(condition, text))
+        self._enqueue([XmlError(condition, text)])
         return self._drain()
 
     def tls_failed(self, reason: str, *, peer_spoke_tls: bool = True) -> list[Action]:
@@ -531,7 +562,7 @@ class InboundSession(DomainPairs):
         # seen it before (so anything it sent earlier was pipelined and can wait).
         while (self._queue and self._waiting is None and not self.closed
                and (self.state != "relay" or self._backend_header_seen)):
-            event = self._queue.popleft()
+            event = self._queue.popleft()   # type: ignore[union-attr] # non-empty
             if type(event) is bytes:
                 self._on_passed(event)
             elif isinstance(event, XmlError):
@@ -766,11 +797,22 @@ class InboundSession(DomainPairs):
                 reason += (f" ({self.returned} stanzas returned as undeliverable, "
                            f"{self.undeliverable} arrived too late to be answered)")
             self.state = "closed"
-            self._queue.clear()
+            self._queue = None
             self._waiting = None
             # A condition outside OUTCOMES would be a bug here, not an escaped exception.
             self.ending = Close(clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
             self._out.append(self.ending)
+
+    def _enqueue(self, events: list, *, first: bool = False) -> None:
+        """Queue peer events for `_drain`, after those waiting (`first`: before them)."""
+        if not events:
+            return
+        if self._queue is None:
+            self._queue = deque()
+        if first:
+            self._queue.extendleft(reversed(events))
+        else:
+            self._queue.extend(events)
 
     def _take(self) -> list[Action]:
         """The collected actions, with adjacent sends to the same side merged.  Only inputs

@@ -269,11 +269,12 @@ def watch_inbound(conn, domain: str, verdict: Verdict) -> Watched:
     `proxy.inbound.InboundConnection`), with its settings' reverifier."""
     reverify: Reverifier = conn.settings.reverify
     tls = conn.session.tls
-    chain = tuple(tls.chain) if tls is not None else ()
     version = tls.version if tls is not None else ""
 
     async def judge() -> tuple[Verdict, float | None]:
         settings = reverify.inbound_settings() if reverify.inbound_settings else conn.settings
+        # Parsed per round, not held: the watched stream is mostly idle (TlsInfo).
+        chain = tls.chain if tls is not None else ()
         return await judge_inbound(settings, domain, chain, version)
 
     async def revoke(condition: str, text: str) -> None:

@@ -408,7 +408,7 @@ async def _upgrade(nursery: trio.Nursery, transport: trio.SocketStream, settings
     except ConnectionClosed as exc:
         raise _Refused("closed-early", f"connection lost during the WebSocket upgrade ({exc.reason})") from None
     _log(logging.DEBUG, "websocket", peer=_peer_of(transport), path=request.path, version=info.protocol,
-         sni=info.server_name, alpn=info.alpn, client_cert=bool(info.chain))
+         sni=info.server_name, alpn=info.alpn, client_cert=bool(info.chain_der))
     return ws, info
 
 

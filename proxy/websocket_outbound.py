@@ -57,7 +57,7 @@ from proxy.connect import (
 )
 from proxy.https_get import HTTPS_PORT, HttpsGetError, host_addresses, https_get
 from proxy.posh_fetch import decide_with_posh, shared_fetcher
-from proxy.tls import TlsError, TlsStream, client_context
+from proxy.tls import TlsError, TlsStream, UnreadableCertificate, client_context
 from proxy.websocket import ALPN_HTTP_1_1, SUBPROTOCOL, WS_HARD_LIMIT_FACTOR, WebSocketFraming, WebSocketStream
 from proxy.xmlstream import DEFAULT_MAX_STANZA_BYTES
 
@@ -420,8 +420,9 @@ async def attempt_websocket(
                             server_side=False, server_hostname=sni)
             await tls.do_handshake()
             attempt.tls = tls.info()
+            stage = "reading the server's certificate chain"
             attempt.chain = attempt.tls.chain
-        except (HttpsGetError, ConnectError, TlsError) as exc:
+        except (HttpsGetError, ConnectError, TlsError, UnreadableCertificate) as exc:
             attempt.error = f"{stage}: {exc}"
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             attempt.error = f"connection lost in {stage}: {exc}"

@@ -90,7 +90,8 @@ _UNBOUND_PREFIX = _E.codes[_E.XML_ERROR_UNBOUND_PREFIX]
 _ENCODING_CODES = {_E.codes[_E.XML_ERROR_UNKNOWN_ENCODING], _E.codes[_E.XML_ERROR_INCORRECT_ENCODING]}
 
 
-@dataclass(frozen=True)
+# Slots: an element is made per stanza, and a stream keeps its header (issue 13).
+@dataclass(frozen=True, slots=True)
 class Node:
     """An element's name, namespace and attributes, and (to a limited depth) its children.
 
@@ -122,7 +123,7 @@ class Node:
             yield from child.iter()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamOpened:
     """The stream header `<stream:stream ...>`; `raw` is the start tag exactly as received.
 
@@ -156,7 +157,7 @@ class StreamOpened:
         return self.namespaces.get(None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Element(Node):
     """A complete first-level child of the stream; `raw` is its exact byte span as received."""
 
@@ -176,12 +177,12 @@ class Element(Node):
         return b"".join(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamClosed:
     """`</stream:stream>` was received."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class XmlError:
     """The input violates XML or RFC 6120's rules for it; `condition` is the stream error."""
 

@@ -139,30 +139,78 @@ def test_a_cancelled_read_raises_and_leaves_the_bytes_for_the_next_one():
     trio.run(main)
 
 
-def test_acquire_takes_a_free_lock_and_queues_behind_a_held_one():
+def test_lock_is_taken_without_a_yield_when_free_and_handed_to_waiters_in_order():
     async def main():
-        lock = trio.Lock()
+        lock = eager_io.Lock()
         order = []
-        await eager_io.acquire(lock)
-        assert lock.locked()
 
-        async def second():
-            await eager_io.acquire(lock)
-            order.append("second")
+        async def bystander():
+            order.append("bystander ran")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bystander)
+            await lock.acquire()                           # free: no yield, the bystander waits
+            assert lock.locked() and order == []
+        assert order == ["bystander ran"]
+
+        async def waiter(name):
+            await lock.acquire()
+            order.append(name)
+            lock.release()
+
+        order.clear()
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for name in ("w1", "w2", "w3"):
+                    nursery.start_soon(waiter, name)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert order == []                          # all wait while the lock is held
+                order.append("holder")
+                lock.release()
+                # Handed over, not freed: a task that did not wait cannot take it first.
+                assert lock.locked()
+                with pytest.raises(trio.TooSlowError), trio.fail_after(0):
+                    await lock.acquire()
+        assert order == ["holder", "w1", "w2", "w3"]
+        assert not lock.locked()
+
+    trio.run(main)
+
+
+def test_lock_cancelled_before_or_while_waiting_is_not_taken():
+    async def main():
+        lock = eager_io.Lock()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await lock.acquire()
+        assert scope.cancelled_caught and not lock.locked()
+
+        await lock.acquire()
+        got, scopes = [], []
+
+        async def gives_up():
+            with trio.CancelScope() as waiting:
+                scopes.append(waiting)
+                await lock.acquire()
+                got.append("gave-up waiter")
+
+        async def waits():
+            await lock.acquire()
+            got.append("waiter")
             lock.release()
 
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(second)
+                nursery.start_soon(gives_up)
                 await trio.testing.wait_all_tasks_blocked()
-                assert order == []                          # waits while the lock is held
-                order.append("first")
-                lock.release()
-        assert order == ["first", "second"]
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await eager_io.acquire(lock)
-        assert scope.cancelled_caught and not lock.locked()
+                nursery.start_soon(waits)
+                await trio.testing.wait_all_tasks_blocked()
+                scopes[0].cancel()                          # the first waiter leaves the queue
+                await trio.testing.wait_all_tasks_blocked()
+                lock.release()                              # ... so the second one gets it
+        assert got == ["waiter"] and not lock.locked()
+        with pytest.raises(RuntimeError):
+            lock.release()
 
     trio.run(main)
 

@@ -9,6 +9,7 @@ Also home of the helpers the bad-input tests share: `FakeBackend`, `running_prox
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import html
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
 
 from pki import TestCA, self_signed
 from policy.tlsa import record_for
@@ -518,6 +520,40 @@ def test_policy_tls_min_version_1_3_rejects_a_tls_1_2_peer(world, tmp_path, capl
         (line,) = decisions(caplog)
         assert "verdict=reject" in line and "TLS 1.2 negotiated but policy requires TLS >= 1.3" in line
         assert db_result() not in backend.connections[0].received
+
+    trio.run(main)
+
+
+def test_a_client_certificate_openssl_takes_but_cryptography_cannot_read_is_rejected_with_why(world, tmp_path, caplog):
+    # X.509 has versions 1-3 (RFC 5280 §4.1.2.1); OpenSSL still parses a "v4" certificate,
+    # `cryptography` refuses it.  The verdict must be a reject naming the certificate, not
+    # an internal error, and nothing the peer sends after may reach the backend.
+    caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
+    der = world.peer_self.issued.cert.public_bytes(serialization.Encoding.DER)
+    v3 = bytes.fromhex("a003020102")            # [0] EXPLICIT INTEGER 2, i.e. version 3
+    assert der.count(v3) == 1
+    v4 = der.replace(v3, bytes.fromhex("a003020103"))
+    leaf = tmp_path / "v4.pem"
+    leaf.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(v4) + b"-----END CERTIFICATE-----\n")
+    tlsa = tlsa_311(world.peer_self.issued.cert)   # the key is unchanged: DANE would match
+
+    async def main():
+        async with FakeBackend().running() as backend:
+            config = make_config(world, f"127.0.0.1:{backend.port}", tmp_path,
+                                 policies={PEER: f'require = "dane"\ntlsa = ["{tlsa}"]\n'})
+            async with running_proxy(config) as listening:
+                port = listening.inbound[0][1]
+                async with OpenSSLProcess.run(*starttls_client(port, "-cert", leaf, "-key", world.peer_self.key)) as peer:
+                    await peer.wait_for(rb"CONNECTION ESTABLISHED")
+                    await peer.send(RESTART.encode())
+                    await peer.wait_for(rb"</stream:features>")
+                    await peer.send(db_result())
+                    await peer.wait_for(rb"type='error'")
+        (line,) = decisions(caplog)
+        assert "verdict=reject" in line
+        assert "the certificate at depth 0 cannot be read: 3 is not a valid X509 version" in line
+        assert db_result() not in backend.connections[0].received
+        assert "internal-error" not in caplog.text
 
     trio.run(main)
 

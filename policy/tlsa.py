@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from policy.spki import spki_der
+
 # RFC 6698 §2.1.1 / RFC 7218 §2.1: certificate usages.
 PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
 # RFC 6698 §2.1.2 / RFC 7218 §2.2: selectors.
@@ -101,9 +103,7 @@ def selected_data(cert: x509.Certificate, selector: int) -> bytes:
     """The bytes a selector picks from a certificate (RFC 6698 §2.1.2)."""
     if selector == SEL_CERT:
         return cert.public_bytes(serialization.Encoding.DER)
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return spki_der(cert)   # as encoded in the certificate (policy/spki.py says why)
 
 
 def association_data(cert: x509.Certificate, selector: int, mtype: int) -> bytes:

@@ -18,6 +18,7 @@ by us, `BrokenResourceError` (with the OS's words) for a connection that broke.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable
 
@@ -73,6 +74,19 @@ async def send_some(sock: socket.socket, data: bytes | bytearray | memoryview) -
         except OSError as exc:
             raise _broken(exc) from exc
         await trio.lowlevel.wait_writable(sock)
+
+
+async def connect(sock: socket.socket, address: tuple) -> None:
+    """Connect the non-blocking `sock` to a numeric `address`; OSError (with the OS's words)
+    if it fails.  Cancelled while waiting, the socket is in no known state: close it."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        # connect(2): writable once the attempt ended; SO_ERROR says how.
+        await trio.lowlevel.wait_writable(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:

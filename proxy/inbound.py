@@ -6,6 +6,7 @@ there; this module only performs the actions it returns.  `handle_inbound` is th
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -106,25 +107,34 @@ def proxy_protocol_v2(src, dst) -> bytes:
         return signature + bytes([0x20, 0x00]) + b"\x00\x00"
 
 
+@functools.lru_cache(maxsize=16)   # the same one or two backends for every stream
+def _backend_address(backend: str) -> tuple[str, int, int | None]:
+    """host, port and IP version of `host:port` (None: a name to resolve)."""
+    host, port = parse_hostport(backend)
+    try:
+        return host, port, ipaddress.ip_address(host).version
+    except ValueError:
+        return host, port, None
+
+
 async def open_backend(backend: str) -> trio.abc.Stream:
     """Connect to the backend's plaintext S2S port (`host:port` or `unix:/path`)."""
     if backend.startswith("unix:"):
         return await trio.open_unix_socket(backend[5:])
-    host, port = parse_hostport(backend)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    host, port, version = _backend_address(backend)
+    if version is None:
         return await trio.open_tcp_stream(host, port)
     # A numeric address (the usual backend): one plain connect, without open_tcp_stream's
-    # getaddrinfo and happy-eyeballs nursery on every stream set-up (bench/: ~5 % of one).
-    sock = trio.socket.socket(trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET,
-                              trio.socket.SOCK_STREAM)
+    # getaddrinfo and happy-eyeballs nursery on every stream set-up (bench/: ~5 % of one),
+    # nor trio's address checks (~1 %).
+    sock = socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        await eager_io.connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class InboundConnection:
@@ -132,7 +142,7 @@ class InboundConnection:
 
     # Slots, not a dict per connection (issue 13, memory per idle stream).
     __slots__ = (
-        "settings", "admission", "raw", "peer_stream", "backend", "_backend_sock", "_sockaddrs", "peer",
+        "settings", "admission", "raw", "_raw_sock", "peer_stream", "backend", "_backend_sock", "_sockaddrs", "peer",
         "metrics", "started", "session", "_peer_lock", "_backend_lock", "_close_done", "_close_waiter", "_nursery",
         "_handshake_scope", "_idle_scope", "_header_deadline", "close_reason",
         "close_condition", "outcome", "verdicts", "_peer_activity", "_watched",
@@ -144,6 +154,7 @@ class InboundConnection:
         # Held until the first pair is authenticated (limits.max_unauthenticated).
         self.admission = admission
         self.raw = transport
+        self._raw_sock = eager_io.stdlib_socket(transport)   # for the plaintext phase's reads and sends
         self.peer_stream: trio.abc.Stream = transport
         self.backend: trio.abc.Stream | None = None
         self._backend_sock: socket.socket | None = None   # under `backend`, for eager sends
@@ -265,12 +276,12 @@ class InboundConnection:
                         self._idle_scope = wait
                         if self.session.authenticated:
                             wait.deadline = trio.current_time() + idle
-                        data = await self.peer_stream.receive_some(size)
+                        data = await self._receive_peer(size)
                     if wait.cancelled_caught:
                         await self._perform(self.session.idle_timed_out(idle))
                         continue
                 else:
-                    data = await self.peer_stream.receive_some(size)
+                    data = await self._receive_peer(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.peer_eof(str(exc)))
                 return
@@ -286,6 +297,17 @@ class InboundConnection:
             del data   # not kept through the next wait (issue 13, memory per idle stream)
             if not isinstance(self.peer_stream, TlsStream):
                 self.session.release_idle()
+
+    async def _receive_peer(self, size: int) -> bytes:
+        if self.peer_stream is self.raw and self._raw_sock is not None:
+            # The plaintext phase (stream header, STARTTLS) straight from the socket, as
+            # TlsStream reads after it: trio's SocketStream costs ~5 % of a stream set-up in
+            # its wrappers (bench/) ...
+            data = await eager_io.receive_some(self._raw_sock, size)
+            # ... but keeps its one yield per read, so a peer cannot starve the others.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        return await self.peer_stream.receive_some(size)
 
     def _peer_idle(self) -> None:
         """The peer's TLS stream is about to wait for data: give back what only a busy stream
@@ -368,7 +390,10 @@ class InboundConnection:
         try:
             await self._peer_lock.acquire()
             try:
-                await self.peer_stream.send_all(data)
+                if self.peer_stream is self.raw and self._raw_sock is not None:
+                    await eager_io.send_all(self._raw_sock, data)   # see _receive_peer
+                else:
+                    await self.peer_stream.send_all(data)
             finally:
                 self._peer_lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -409,7 +434,7 @@ class InboundConnection:
             # Read the first bytes ourselves: whether they look like TLS decides whether a
             # failed handshake still gets a (plaintext) stream error.
             try:
-                prefix = await self.raw.receive_some(_RECEIVE_SIZE)
+                prefix = await self._receive_peer(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 prefix = b""
                 reason = str(exc)

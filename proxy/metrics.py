@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
@@ -149,7 +150,10 @@ class Metrics:
         self.relayed_bytes = Counter(
             f"{PREFIX}_relayed_bytes", "Bytes relayed, by stream direction and the side that "
             "sent them.", ["direction", "source"], registry=r)
-        self._relayed_children: dict[tuple[str, str], object] = {}   # counted per read: no labels() each time
+        # The labelled series counted on every stream (or every read), by (metric, labels):
+        # prometheus_client's labels() validates and locks on each call (~1 % of a stream
+        # set-up, bench/).  Bounded: every label value here is from a fixed set (_bounded).
+        self._series: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.reloads = Counter(
             f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"], registry=r)
         self.reload_ok = Gauge(
@@ -200,17 +204,23 @@ class Metrics:
 
     # --- recording ----------------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        child = self._series.get((metric, labels))
+        if child is None:
+            child = self._series[(metric, labels)] = metric.labels(*labels)
+        return child
+
     def connection_opened(self, direction: str) -> None:
-        self.connections_open.labels(_bounded(direction, DIRECTIONS)).inc()
+        self._child(self.connections_open, _bounded(direction, DIRECTIONS)).inc()
 
     def connection_closed(self, direction: str, outcome: str) -> None:
         """Count a finished connection; pairs with `connection_opened`."""
         d = _bounded(direction, DIRECTIONS)
-        self.connections_open.labels(d).dec()
+        self._child(self.connections_open, d).dec()
         if outcome not in CONNECTION_OUTCOMES:
             log.debug("unknown connection outcome %r counted as internal-error", outcome)
             outcome = "internal-error"
-        self.connections.labels(d, outcome).inc()
+        self._child(self.connections, d, outcome).inc()
 
     def connection_totals(self) -> dict[str, int]:
         """Finished connections by outcome, both directions summed (for the exit log line)."""
@@ -226,14 +236,13 @@ class Metrics:
         """Count a `Verdict`; returns the reason category used (handy for logs and tests)."""
         category = reason_category(verdict)
         prooftype = _bounded(verdict.prooftype or "-", PROOFTYPES) if verdict.accepted else "-"
-        self.verdicts.labels(_bounded(direction, DIRECTIONS), verdict.verdict if verdict.verdict in VERDICTS
-                             else "reject", prooftype, category).inc()
+        self._child(self.verdicts, _bounded(direction, DIRECTIONS),
+                    verdict.verdict if verdict.verdict in VERDICTS else "reject", prooftype, category).inc()
         return category
 
     def dns_lookup(self, rrtype: str, status: str, *, cached: bool = False) -> None:
-        self.dns_lookups.labels(_bounded(str(rrtype).upper(), DNS_RRTYPES),
-                                _bounded(str(status), DNS_STATUSES),
-                                "cache" if cached else "resolver").inc()
+        self._child(self.dns_lookups, _bounded(str(rrtype).upper(), DNS_RRTYPES), _bounded(str(status), DNS_STATUSES),
+                    "cache" if cached else "resolver").inc()
 
     def reverification(self, direction: str, result: str) -> None:
         self.reverifications.labels(_bounded(direction, DIRECTIONS),
@@ -244,15 +253,11 @@ class Metrics:
         self.dns_validating.labels(resolver).set(1 if ok else 0)
 
     def handshake(self, direction: str, seconds: float) -> None:
-        self.handshake_seconds.labels(_bounded(direction, DIRECTIONS)).observe(seconds)
+        self._child(self.handshake_seconds, _bounded(direction, DIRECTIONS)).observe(seconds)
 
     def relayed(self, direction: str, source: str, nbytes: int) -> None:
         """Bytes relayed on a `direction` stream that `source` ("peer"/"backend") sent."""
-        key = (_bounded(direction, DIRECTIONS), _bounded(source, RELAY_SOURCES))
-        child = self._relayed_children.get(key)
-        if child is None:
-            child = self._relayed_children[key] = self.relayed_bytes.labels(*key)
-        child.inc(nbytes)
+        self._child(self.relayed_bytes, _bounded(direction, DIRECTIONS), _bounded(source, RELAY_SOURCES)).inc(nbytes)
 
     def reload_result(self, ok: bool, when: float | None = None) -> None:
         self.reloads.labels("success" if ok else "failure").inc()

@@ -8,6 +8,7 @@ stream built on them still yields once per read, so one busy peer cannot starve 
 """
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -225,5 +226,29 @@ def test_stdlib_socket_only_under_a_trio_socket_stream():
         assert eager_io.stdlib_socket(left) is None
         await stream.aclose()
         b.close()
+
+    trio.run(main)
+
+
+def test_connect_reaches_a_listener_and_says_why_it_cannot():
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        sock = socket.socket()
+        sock.setblocking(False)
+        with trio.fail_after(TIMEOUT):
+            await eager_io.connect(sock, ("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        assert accepted.getpeername() == sock.getsockname()
+        for s in (accepted, sock, listener):
+            s.close()
+        refused = socket.socket()                        # the port has no listener any more
+        refused.setblocking(False)
+        with pytest.raises(OSError) as info, trio.fail_after(TIMEOUT):
+            await eager_io.connect(refused, ("127.0.0.1", port))
+        refused.close()
+        assert info.value.errno == errno.ECONNREFUSED and info.value.strerror == "Connection refused"
 
     trio.run(main)

@@ -505,23 +505,27 @@ def test_rejected_without_dialback_errors_gets_not_authorized_stream_error(world
 def test_policy_tls_min_version_1_3_rejects_a_tls_1_2_peer(world, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="xmpp_dane_proxy")
 
-    async def main():
-        async with FakeBackend().running() as backend:
-            config = make_config(world, f"127.0.0.1:{backend.port}", tmp_path,
-                                 policies={PEER: 'require = "pkix"\ntls_min_version = "1.3"\n'})
-            async with running_proxy(config) as listening:
-                port = listening.inbound[0][1]
-                async with OpenSSLProcess.run(*starttls_client(port, "-tls1_2", *client_cert_args(world.peer))) as peer:
-                    await peer.wait_for(rb"Protocol version: TLSv1\.2")
-                    await peer.send(RESTART.encode())
-                    await peer.wait_for(rb"</stream:features>")
-                    await peer.send(db_result())
-                    await peer.wait_for(rb"type='error'")
-        (line,) = decisions(caplog)
-        assert "verdict=reject" in line and "TLS 1.2 negotiated but policy requires TLS >= 1.3" in line
-        assert db_result() not in backend.connections[0].received
+    backend = trio.run(_dialback_refused, world, tmp_path, 'require = "pkix"\ntls_min_version = "1.3"\n',
+                       ["-tls1_2", *client_cert_args(world.peer)], rb"Protocol version: TLSv1\.2")
+    (line,) = decisions(caplog)
+    assert "verdict=reject" in line and "TLS 1.2 negotiated but policy requires TLS >= 1.3" in line
+    assert db_result() not in backend.connections[0].received
 
-    trio.run(main)
+
+async def _dialback_refused(world, tmp_path, policy: str, client_args: list, established: bytes) -> "FakeBackend":
+    """A peer with these `openssl s_client` arguments asserts PEER by dialback, under `policy`
+    for PEER, and gets the error answer; the backend it was refused in front of."""
+    async with FakeBackend().running() as backend:
+        config = make_config(world, f"127.0.0.1:{backend.port}", tmp_path, policies={PEER: policy})
+        async with running_proxy(config) as listening:
+            port = listening.inbound[0][1]
+            async with OpenSSLProcess.run(*starttls_client(port, *client_args)) as peer:
+                await peer.wait_for(established)
+                await peer.send(RESTART.encode())
+                await peer.wait_for(rb"</stream:features>")
+                await peer.send(db_result())
+                await peer.wait_for(rb"type='error'")
+    return backend
 
 
 def test_a_client_certificate_openssl_takes_but_cryptography_cannot_read_is_rejected_with_why(world, tmp_path, caplog):
@@ -537,25 +541,13 @@ def test_a_client_certificate_openssl_takes_but_cryptography_cannot_read_is_reje
     leaf.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(v4) + b"-----END CERTIFICATE-----\n")
     tlsa = tlsa_311(world.peer_self.issued.cert)   # the key is unchanged: DANE would match
 
-    async def main():
-        async with FakeBackend().running() as backend:
-            config = make_config(world, f"127.0.0.1:{backend.port}", tmp_path,
-                                 policies={PEER: f'require = "dane"\ntlsa = ["{tlsa}"]\n'})
-            async with running_proxy(config) as listening:
-                port = listening.inbound[0][1]
-                async with OpenSSLProcess.run(*starttls_client(port, "-cert", leaf, "-key", world.peer_self.key)) as peer:
-                    await peer.wait_for(rb"CONNECTION ESTABLISHED")
-                    await peer.send(RESTART.encode())
-                    await peer.wait_for(rb"</stream:features>")
-                    await peer.send(db_result())
-                    await peer.wait_for(rb"type='error'")
-        (line,) = decisions(caplog)
-        assert "verdict=reject" in line
-        assert "the certificate at depth 0 cannot be read: 3 is not a valid X509 version" in line
-        assert db_result() not in backend.connections[0].received
-        assert "internal-error" not in caplog.text
-
-    trio.run(main)
+    backend = trio.run(_dialback_refused, world, tmp_path, f'require = "dane"\ntlsa = ["{tlsa}"]\n',
+                       ["-cert", leaf, "-key", world.peer_self.key], rb"CONNECTION ESTABLISHED")
+    (line,) = decisions(caplog)
+    assert "verdict=reject" in line
+    assert "the certificate at depth 0 cannot be read: 3 is not a valid X509 version" in line
+    assert db_result() not in backend.connections[0].received
+    assert "internal-error" not in caplog.text
 
 
 def test_real_dns_evidence_dane_ee_accepts_and_bogus_rejects(world, tmp_path, dns_env, caplog):

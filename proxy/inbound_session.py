@@ -76,12 +76,6 @@ NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 _WITHHELD = frozenset({(NS_TLS, "starttls"), (NS_SASL, "mechanisms"), (NS_BIDI_FEATURE, "bidi")})
 _XML_DECL = b"<?xml version='1.0'?>"
 _NOTHING: Mapping = MappingProxyType({})
-
-
-@functools.lru_cache(maxsize=16)
-def _local_readings(domains: frozenset[str]) -> frozenset[str]:
-    # One set for all the streams of a configuration, not one per stream (issue 13).
-    return frozenset(local_reading(d) for d in domains)
 _PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 _FEATURES_STARTTLS = (
     b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
@@ -99,6 +93,12 @@ BACKEND_MAX_ELEMENT_BYTES = 1 << 20
 # Routes of the fast path (`_route`): a stream carries a handful of domain pairs; 64 spellings
 # of them are plenty, and bound what a peer can make us keep.
 _MAX_ROUTES = 64
+
+
+@functools.lru_cache(maxsize=16)
+def _local_readings(domains: frozenset[str]) -> frozenset[str]:
+    # One set for all the streams of a configuration, not one per stream (issue 13).
+    return frozenset(local_reading(d) for d in domains)
 
 
 # ================================================================================ the protocol

@@ -45,19 +45,25 @@ def _broken(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError
 
 
 async def receive_some(sock: socket.socket, max_bytes: int,
-                       before_wait: Callable[[], object] | None = None) -> bytes:
+                       before_wait: Callable[[], object] | None = None, *, fair: bool = False) -> bytes:
     """Up to `max_bytes` from `sock` (b"" at EOF), waiting only if none are there yet.
 
     `before_wait` runs each time the read is about to wait: the moment a stream becomes
-    idle, when the caller can give back what only a busy stream needs (parser, buffers)."""
+    idle, when the caller can give back what only a busy stream needs (parser, buffers).
+    `fair`: then yield once, as trio's own receive_some does, so a sender whose data never
+    stops cannot starve the other tasks (shielded: the data is read, it must be returned)."""
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
         try:
-            return sock.recv(max_bytes)
+            data = sock.recv(max_bytes)
         except BlockingIOError:
             pass
         except OSError as exc:
             raise _broken(exc) from exc
+        else:
+            if fair:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         if before_wait is not None:
             before_wait()
         await trio.lowlevel.wait_readable(sock)

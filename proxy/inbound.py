@@ -144,7 +144,7 @@ class InboundConnection:
     __slots__ = (
         "settings", "admission", "raw", "_raw_sock", "peer_stream", "backend", "_backend_sock", "_sockaddrs", "peer",
         "metrics", "started", "session", "_peer_lock", "_backend_lock", "_close_done", "_close_waiter", "_nursery",
-        "_handshake_scope", "_idle_scope", "_header_deadline", "close_reason",
+        "_handshake_scope", "_idle_scope", "close_reason",
         "close_condition", "outcome", "verdicts", "_peer_activity", "_watched",
     )
 
@@ -178,7 +178,6 @@ class InboundConnection:
         self._nursery: trio.Nursery | None = None
         self._handshake_scope: trio.CancelScope | None = None
         self._idle_scope: trio.CancelScope | None = None
-        self._header_deadline: trio.CancelScope | None = None   # _backend_header_deadline's wait
         self.close_reason = ""
         self.close_condition: str | None = None
         # Settled when the connection ends (`_settle`): the session's ending, system-shutdown
@@ -298,16 +297,13 @@ class InboundConnection:
             if not isinstance(self.peer_stream, TlsStream):
                 self.session.release_idle()
 
-    async def _receive_peer(self, size: int) -> bytes:
+    def _receive_peer(self, size: int) -> Awaitable[bytes]:
         if self.peer_stream is self.raw and self._raw_sock is not None:
             # The plaintext phase (stream header, STARTTLS) straight from the socket, as
             # TlsStream reads after it: trio's SocketStream costs ~5 % of a stream set-up in
-            # its wrappers (bench/) ...
-            data = await eager_io.receive_some(self._raw_sock, size)
-            # ... but keeps its one yield per read, so a peer cannot starve the others.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        return await self.peer_stream.receive_some(size)
+            # its wrappers (bench/).
+            return eager_io.receive_some(self._raw_sock, size, fair=True)
+        return self.peer_stream.receive_some(size)
 
     def _peer_idle(self) -> None:
         """The peer's TLS stream is about to wait for data: give back what only a busy stream
@@ -317,20 +313,24 @@ class InboundConnection:
             self.peer_stream.release_idle()
 
     async def _read_backend(self) -> None:
-        assert self.backend is not None
-        sock = self._backend_sock
+        # A backend that accepts the connection but never answers must not hold the peer:
+        # its stream header is due within handshake_timeout of accepting the peer.  The
+        # deadline bounds the waits for the backend's bytes until the header is there, and
+        # never a send (one cut short would cut a stanza); a task of its own per stream cost
+        # ~2 % of a set-up (bench/).
+        timeout = self.settings.handshake_timeout
+        header_due: float | None = self.started + timeout
         while not self.session.closed:
             try:
-                if sock is None:
-                    data = await self.backend.receive_some(_RECEIVE_SIZE)
+                if header_due is not None and not self.session.backend_answered:
+                    with trio.CancelScope(deadline=header_due) as wait:
+                        data = await self._receive_backend()
+                    if wait.cancelled_caught:
+                        header_due = None
+                        await self._perform(self.session.backend_silent(timeout))
+                        continue
                 else:
-                    # Straight from the kernel socket: an idle stream's waiting read holds
-                    # three frames fewer than through trio's SocketStream (issue 13, memory
-                    # per idle stream) ...
-                    data = await eager_io.receive_some(sock, _RECEIVE_SIZE)
-                    # ... and the one yield per read trio's would make, so a backend whose
-                    # data never stops cannot starve the other streams.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    data = await self._receive_backend()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._perform(self.session.backend_eof(str(exc)))
                 return
@@ -340,10 +340,17 @@ class InboundConnection:
             if not data:
                 return
             del data   # not kept through the next wait
-            if self._header_deadline is not None and self.session.backend_answered:
-                self._header_deadline.cancel()   # one task less per stream from here on
-                self._header_deadline = None
             self.session.release_idle()
+
+    def _receive_backend(self) -> Awaitable[bytes]:
+        """The backend's next bytes (b"" at its EOF); a cancelled wait has read nothing.
+        Returned for the caller to await: no frame of its own while an idle stream waits."""
+        assert self.backend is not None
+        if self._backend_sock is None:
+            return self.backend.receive_some(_RECEIVE_SIZE)
+        # Straight from the kernel socket: an idle stream's waiting read holds three frames
+        # fewer than through trio's SocketStream (issue 13, memory per idle stream).
+        return eager_io.receive_some(self._backend_sock, _RECEIVE_SIZE, fair=True)
 
     # ------------------------------------------------------------------ performing actions
 
@@ -480,17 +487,7 @@ class InboundConnection:
             await self._send_backend(proxy_protocol_v2(src, dst))
         assert self._nursery is not None
         self._nursery.start_soon(self._read_backend)
-        self._nursery.start_soon(self._backend_header_deadline)
         await self._perform(self.session.backend_connected())
-
-    async def _backend_header_deadline(self) -> None:
-        """A backend that accepts the connection but never answers must not hold the peer:
-        its stream header is due within handshake_timeout of accepting the peer."""
-        timeout = self.settings.handshake_timeout
-        with trio.CancelScope(deadline=self.started + timeout) as self._header_deadline:
-            await trio.sleep_forever()
-        if self._header_deadline is not None:   # not cancelled for the header's arrival
-            await self._perform(self.session.backend_silent(timeout))
 
     async def _check(self, action: CheckDialback) -> None:
         verdict = next((v for domain, v in self.verdicts if domain == action.sender), None)

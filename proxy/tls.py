@@ -11,6 +11,7 @@ the policy (`policy.decide`), which decides.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -239,6 +240,10 @@ class TlsInfo:
         """The peer's chain, parsed; `UnreadableCertificate` if `cryptography` cannot read
         one that OpenSSL took (e.g. an X.509 version other than 1-3)."""
         return tuple(_parse_certificate(der, depth) for depth, der in enumerate(self.chain_der))
+
+
+def _interned(text: str | None) -> str | None:
+    return None if text is None else sys.intern(text)
 
 
 class UnreadableCertificate(ValueError):
@@ -684,11 +689,13 @@ class TlsStream(trio.abc.Stream):
 
     def info(self) -> TlsInfo:
         """Everything the handshake established (call after `do_handshake`)."""
+        # Interned: every stream keeps these, and they are the same few strings on all of
+        # them (issue 13, memory per idle stream).
         return TlsInfo(
-            version=self.version or "",
-            protocol=self.protocol or "",
-            cipher=self.cipher,
-            alpn=self.alpn,
-            server_name=self.server_name,
+            version=sys.intern(self.version or ""),
+            protocol=sys.intern(self.protocol or ""),
+            cipher=_interned(self.cipher),
+            alpn=_interned(self.alpn),
+            server_name=_interned(self.server_name),
             chain_der=tuple(self.peer_chain_der()),
         )

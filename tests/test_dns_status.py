@@ -77,7 +77,9 @@ def test_secure_nxdomain_and_nodata_are_proofs_of_absence(dns_env):
     nodata = lookup(resolver, name, "TLSA")
     assert (nodata.status, nodata.nxdomain, nodata.nodata, nodata.rrset) == (SECURE, False, True, ())
     # RFC 2308 §5: negative answers live for min(SOA TTL, SOA minimum) = 60 in the test zones.
-    assert nx.ttl == 60 and nodata.ttl == 60
+    # unbound counts a cached proof down (the NSEC3 records the first answer brought may
+    # serve the second a second later), so allow the few seconds this test runs.
+    assert 55 <= nx.ttl <= 60 and 55 <= nodata.ttl <= 60
 
 
 def test_insecure_nxdomain(dns_env):

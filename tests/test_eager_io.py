@@ -252,3 +252,35 @@ def test_connect_reaches_a_listener_and_says_why_it_cannot():
         assert info.value.errno == errno.ECONNREFUSED and info.value.strerror == "Connection refused"
 
     trio.run(main)
+
+
+def test_a_fair_read_yields_once_even_when_data_is_there():
+    class Steps(trio.abc.Instrument):
+        """Counts the scheduler's resumptions of one task: each is a yield of that task."""
+
+        def __init__(self, task):
+            self.task, self.count = task, 0
+
+        def before_task_step(self, task):
+            self.count += task is self.task
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.sendall(b"one" * 10)
+        steps = Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        assert await eager_io.receive_some(ours, 3) == b"one"              # no yield
+        assert steps.count == 0
+        assert await eager_io.receive_some(ours, 3, fair=True) == b"one"   # one yield
+        assert steps.count == 1
+        trio.lowlevel.remove_instrument(steps)
+        with trio.CancelScope() as scope:                  # cancelled, it reads nothing
+            scope.cancel()
+            await eager_io.receive_some(ours, 3, fair=True)
+        assert scope.cancelled_caught
+        assert await eager_io.receive_some(ours, 100) == b"one" * 8
+        ours.close()
+        theirs.close()
+
+    trio.run(main)

@@ -4,7 +4,7 @@ RFC 6698 §2.1.2: selector 1 matches "the DER-encoded binary structure" of the
 SubjectPublicKeyInfo (RFC 5280 §4.1.2.7).  OpenSSL's DANE code hashes the encoding the
 certificate carries (its X509_PUBKEY keeps the bytes it parsed), and so do the usual TLSA
 generators; `cryptography` has no accessor for those bytes, and `public_key().public_bytes()`
-re-encodes: it costs an EC point decompression and check per certificate (~1 % of a stream
+re-encodes: it costs decoding and checking the key (an EC point) per certificate (~1 % of a stream
 set-up, bench/), and an encoding the certificate did not use (an RSA AlgorithmIdentifier
 without its NULL parameters, a compressed EC point) would come out different.  So the
 SubjectPublicKeyInfo is cut out of the to-be-signed part by walking its DER.

@@ -1,4 +1,4 @@
-"""Socket reads, socket writes and lock acquisitions that do not yield when they can complete at once.
+"""Socket reads, writes and connects, and a lock, that do not yield when they can complete at once.
 
 trio makes every one of these a checkpoint: a `recv` that finds data, a `send` the kernel
 takes whole, a `Lock` nobody holds all still yield, and each yield is a full pass of the

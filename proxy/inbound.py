@@ -297,12 +297,17 @@ class InboundConnection:
             if not isinstance(self.peer_stream, TlsStream):
                 self.session.release_idle()
 
+    @property
+    def _plaintext_sock(self) -> socket.socket | None:
+        """The peer's socket while the stream is plaintext (stream header, STARTTLS): read
+        and written directly, as TlsStream does after it; trio's SocketStream costs ~5 % of
+        a stream set-up in its wrappers (bench/)."""
+        return self._raw_sock if self.peer_stream is self.raw else None
+
     def _receive_peer(self, size: int) -> Awaitable[bytes]:
-        if self.peer_stream is self.raw and self._raw_sock is not None:
-            # The plaintext phase (stream header, STARTTLS) straight from the socket, as
-            # TlsStream reads after it: trio's SocketStream costs ~5 % of a stream set-up in
-            # its wrappers (bench/).
-            return eager_io.receive_some(self._raw_sock, size, fair=True)
+        sock = self._plaintext_sock
+        if sock is not None:
+            return eager_io.receive_some(sock, size, fair=True)
         return self.peer_stream.receive_some(size)
 
     def _peer_idle(self) -> None:
@@ -397,8 +402,9 @@ class InboundConnection:
         try:
             await self._peer_lock.acquire()
             try:
-                if self.peer_stream is self.raw and self._raw_sock is not None:
-                    await eager_io.send_all(self._raw_sock, data)   # see _receive_peer
+                sock = self._plaintext_sock
+                if sock is not None:
+                    await eager_io.send_all(sock, data)
                 else:
                     await self.peer_stream.send_all(data)
             finally:

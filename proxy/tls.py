@@ -44,6 +44,7 @@ _RECEIVE_SIZE = 262144
 # the life of the connection.  Below it the capacity is small anyway (bench/README.md).
 _BIG_READ = 16384
 _SEND_CHUNK = 65536             # plaintext bytes per SSL_write
+_CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 # TlsStream._drain's and _collect's buffer: one per thread, not one per stream.  Within a
 # thread trio runs one task at a time and nothing awaits while the buffer is in use; across
 # threads (several trio loops in one process, as the tests run them) cffi releases the GIL
@@ -57,8 +58,6 @@ def _scratch_buffer():
     if buffer is None:
         buffer = _scratch.buffer = _ffi.new_allocator(should_clear_after_alloc=False)("char[]", _DRAIN_BYTES)
     return buffer
-
-_CLOSE_NOTIFY_TIMEOUT = 5.0     # a peer that does not read must not hold aclose() forever
 
 # Compression off (CRIME), renegotiation off (nothing in XMPP needs it, and it is a
 # DoS vector), server cipher preference; no session resumption: a resumed session carries
@@ -239,7 +238,7 @@ class TlsInfo:
     def chain(self) -> tuple[x509.Certificate, ...]:
         """The peer's chain, parsed; `UnreadableCertificate` if `cryptography` cannot read
         one that OpenSSL took (e.g. an X.509 version other than 1-3)."""
-        return tuple(_parse_certificate(der, depth) for depth, der in enumerate(self.chain_der))
+        return tuple(_parse_chain(self.chain_der))
 
 
 def _interned(text: str | None) -> str | None:
@@ -250,11 +249,14 @@ class UnreadableCertificate(ValueError):
     """A certificate in the peer's chain cannot be parsed; the message says which and why."""
 
 
-def _parse_certificate(der: bytes, depth: int) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion) as exc:
-        raise UnreadableCertificate(f"the certificate at depth {depth} cannot be read: {exc}") from None
+def _parse_chain(chain_der: Iterable[bytes]) -> list[x509.Certificate]:
+    chain = []
+    for depth, der in enumerate(chain_der):
+        try:
+            chain.append(x509.load_der_x509_certificate(der))
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise UnreadableCertificate(f"the certificate at depth {depth} cannot be read: {exc}") from None
+    return chain
 
 
 class TlsStream(trio.abc.Stream):
@@ -647,7 +649,7 @@ class TlsStream(trio.abc.Stream):
         OpenSSL's server side leaves the client's leaf out of SSL_get_peer_cert_chain (the
         client side includes it); both are normalised to leaf first here.
         """
-        return [_parse_certificate(der, depth) for depth, der in enumerate(self.peer_chain_der())]
+        return _parse_chain(self.peer_chain_der())
 
     def peer_chain_der(self) -> list[bytes]:
         """`peer_chain()` as DER, unparsed."""

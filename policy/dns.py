@@ -648,9 +648,12 @@ class Resolver:
                 retry.append(ns)
             if deadline - trio.current_time() <= 0:
                 break
+        # A new exception rather than one of the list: raising one this frame still names
+        # would make a frame <-> traceback cycle that only the cyclic GC frees.
         bogus = [f for f in failures if f.status is DnsStatus.BOGUS]
         if bogus:
-            raise bogus[-1]
+            last = bogus[-1]
+            raise _Failure(last.status, last.reason, last.server)
         if failures:
             last = failures[-1]
             raise _Failure(

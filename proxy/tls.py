@@ -497,7 +497,13 @@ class TlsStream(trio.abc.Stream):
                     data = b"" if self._read_error is not None else self._drain(b"", size)
                     if not data and self._read_error is not None:
                         error, self._read_error = self._read_error, None
-                        raise error
+                        try:
+                            raise error
+                        finally:
+                            # Its traceback holds this frame: a local naming it is a
+                            # reference cycle that would keep the stream (its OpenSSL
+                            # objects, its socket) until the cyclic GC ran.
+                            del error
                     if not data and _ffi is None:
                         data = self._drain(self._conn.recv(size), size)
                 except SSL.WantReadError:

@@ -440,7 +440,7 @@ async def handle_websocket_inbound(transport: trio.SocketStream, settings: Inbou
                 try:
                     ws, info = await _upgrade(nursery, transport, settings)
                 except _Refused as exc:
-                    refused = exc
+                    refused = exc.with_traceback(None)   # kept: no frame <-> traceback cycle
                 else:
                     conn = _connection(transport, settings, ws, info, deadline, admission)
             if conn is None:

@@ -518,7 +518,9 @@ async def connect_with_transports(domain: str, *, resolver: Resolver, policy: Po
         except PeerUnreachable as exc:
             if exc.evidence is None or exc.evidence.failed:
                 raise
-            failures.append(exc)
+            # Without its traceback (which holds this frame, whose list holds it: a cycle
+            # only the cyclic GC would free); its reason and attempts are what is reported.
+            failures.append(exc.with_traceback(None))
     d = failures[0].domain
     raise PeerUnreachable(d, "; ".join(f.reason for f in failures),
                           [a for f in failures for a in f.attempts], evidence=failures[0].evidence)

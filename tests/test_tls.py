@@ -574,6 +574,37 @@ def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
     trio.run(main)
 
 
+def test_a_stream_read_to_its_close_notify_is_freed_without_the_cyclic_gc(pki):
+    """Records and the close_notify after them in one read: the close is met while decrypting
+    the records and raised by the next read.  Holding that exception in a local of the frame
+    its traceback holds was a reference cycle, which kept every such stream (its OpenSSL
+    objects, its socket) until the cyclic GC ran (issue 13)."""
+    import gc
+
+    def streams() -> int:
+        return sum(isinstance(o, TlsStream) for o in gc.get_objects())
+
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            server, client = await _socket_pair_streams(pki)
+            plain, cipher = _records(client, 5)
+            await client.transport.send_all(cipher)
+            await client.aclose()
+            assert await server.receive_some() == plain     # the records, then ...
+            assert server._read_error is not None            # ... the close, met in the same read
+            assert await server.receive_some() == b""
+            assert streams() == 2
+            del server, client
+            return streams()
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert trio.run(main) == 0
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["SSL_read-loop", "pyOpenSSL-recv"])
 def test_records_before_a_forged_one_arrive_and_the_forgery_fails_the_stream(pki, monkeypatch, direct):
     """A record that fails its MAC: every byte before it is delivered, nothing of it or after

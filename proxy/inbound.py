@@ -551,10 +551,10 @@ class InboundConnection:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(_CLOSE_TIMEOUT):
                 if self.backend is not None:
-                    await self.backend.aclose()
-                await self.peer_stream.aclose()
+                    await eager_io.aclose(self.backend)
+                await eager_io.aclose(self.peer_stream)
             if self.peer_stream is not self.raw:
-                await self.raw.aclose()
+                await eager_io.aclose(self.raw)
 
     async def shutdown(self) -> None:
         """Tell the peer the proxy is stopping (system-shutdown) and close."""

@@ -395,11 +395,12 @@ class TlsStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(self._transport_broken) from exc
             del self._outgoing[:sent]
 
-    async def _refill(self) -> None:
+    async def _refill(self, *, fair: bool = False) -> None:
         # Called by the handshake (under its lock) or by receive_some after it: never by two
-        # tasks at once.
+        # tasks at once.  `fair`: yield at least once (eager_io.receive_some), the one yield
+        # of a read that needed the transport.
         if self._sock is not None:
-            data = await eager_io.receive_some(self._sock, _RECEIVE_SIZE, self.before_wait)
+            data = await eager_io.receive_some(self._sock, _RECEIVE_SIZE, self.before_wait, fair=fair)
         else:
             data = await self.transport.receive_some(_RECEIVE_SIZE)
         if data:
@@ -489,6 +490,7 @@ class TlsStream(trio.abc.Stream):
             self._check_usable()
             await self.do_handshake()
             size = max_bytes or _RECEIVE_SIZE
+            refilled = False
             while True:
                 try:
                     # Everything OpenSSL can decrypt now (`_drain`); an error it met after
@@ -523,19 +525,26 @@ class TlsStream(trio.abc.Stream):
                     # alive, with its traceback's frames and their buffers (memory per idle
                     # stream: pyOpenSSL's 64 KiB receive buffer was kept so).
                     # TLS 1.3 post-handshake messages (KeyUpdate) may need an answer.
-                    await self._flush(wait=False)
+                    self._collect()
+                    if self._outgoing:
+                        await self._flush(wait=False)
                     if self._eof:
                         await trio.lowlevel.checkpoint()
                         return b""
-                    await self._refill()
+                    await self._refill(fair=True)
+                    refilled = True
                     continue
                 self._collect()
                 if self._outgoing:
                     await self._flush(wait=False)
-                # The one yield of a read (the socket calls above make none when they complete
-                # at once, proxy.eager_io): a peer whose data never stops cannot starve the
-                # other streams.  It cannot raise Cancelled: the data is already read.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                # One yield per read (the socket calls above make none when they complete at
+                # once, proxy.eager_io): a peer whose data never stops cannot starve the other
+                # streams.  A read that went to the transport yielded there (its wait, or
+                # its yield after finding data); one served from OpenSSL's buffer yields here,
+                # where it cannot raise Cancelled: the data is already read.  (Two or three
+                # yields per read that waited were several scheduler passes per set-up.)
+                if not refilled:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         finally:
             self._receiving = False
@@ -645,7 +654,7 @@ class TlsStream(trio.abc.Stream):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await self.transport.aclose()
+            await eager_io.aclose(self.transport)
 
     # ------------------------------------------------------------------ what was negotiated
 

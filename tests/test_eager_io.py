@@ -254,18 +254,29 @@ def test_connect_reaches_a_listener_and_says_why_it_cannot():
     trio.run(main)
 
 
+class Steps(trio.abc.Instrument):
+    """Counts the scheduler's resumptions of one task: each is a yield of that task.  (Not
+    trio.testing.assert_no_checkpoints: that counts checkpoint_if_cancelled too, which every
+    eager call makes without yielding.)"""
+
+    def __init__(self, task):
+        self.task, self.count = task, 0
+
+    def before_task_step(self, task):
+        self.count += task is self.task
+
+
+async def count_yields(read) -> tuple[object, int]:
+    """`await read()` in this task; what it returned and how often this task yielded."""
+    steps = Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        return await read(), steps.count
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+
+
 def test_a_fair_read_yields_once_even_when_data_is_there():
-    # Not trio.testing.assert_no_checkpoints: that counts checkpoint_if_cancelled too, which
-    # every eager call makes without yielding.
-    class Steps(trio.abc.Instrument):
-        """Counts the scheduler's resumptions of one task: each is a yield of that task."""
-
-        def __init__(self, task):
-            self.task, self.count = task, 0
-
-        def before_task_step(self, task):
-            self.count += task is self.task
-
     async def main():
         ours, theirs = socketpair()
         theirs.sendall(b"one" * 10)
@@ -285,3 +296,24 @@ def test_a_fair_read_yields_once_even_when_data_is_there():
         theirs.close()
 
     trio.run(main)
+
+
+def test_a_fair_read_that_waited_does_not_yield_again():
+    """Its wait was its yield: another after the data came was a scheduler pass for nothing
+    (several per stream set-up, issue 13)."""
+    async def main():
+        ours, theirs = socketpair()
+        result = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: collect_into(result, count_yields(lambda: eager_io.receive_some(ours, 100, fair=True))))
+            await trio.testing.wait_all_tasks_blocked()
+            theirs.sendall(b"two")
+        assert result == [(b"two", 1)]
+        ours.close()
+        theirs.close()
+
+    trio.run(main)
+
+
+async def collect_into(results: list, awaitable) -> None:
+    results.append(await awaitable)

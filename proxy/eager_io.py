@@ -164,3 +164,9 @@ class Lock:
         else:
             self._held = False
             self._lot = None
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()

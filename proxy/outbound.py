@@ -37,6 +37,7 @@ from policy.dns import Resolver
 from policy.pkix import TrustStore
 from policy.policyfile import PolicySet
 from policy.verdict import Verdict
+from proxy import eager_io
 from proxy.config import Config, parse_hostport
 from proxy.listen import tcp_listeners
 from proxy.connect import DEFAULT_ATTEMPT_TIMEOUT, HAPPY_EYEBALLS_DELAY, PeerUnreachable, TargetAttempt, TlsContexts
@@ -199,8 +200,9 @@ class _Run:
         self.connection = None   # the PeerConnection once a peer is accepted
         self._watched = None     # its proxy.reverify handle while relaying
         self.peer_addr = "-"
-        self._backend_lock = trio.Lock()
-        self._peer_lock = trio.Lock()
+        # eager_io's: taken without a yield when free, as on the inbound side (issue 13).
+        self._backend_lock = eager_io.Lock()
+        self._peer_lock = eager_io.Lock()
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._close_timer = False

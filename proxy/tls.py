@@ -305,7 +305,7 @@ class TlsStream(trio.abc.Stream):
         self._send_lock = eager_io.Lock()
         # Only one task runs the handshake; dropped once it is done (do_handshake).  Reads need
         # no lock: after the handshake only receive_some reads (one task at a time, `_receiving`).
-        self._handshake_lock: trio.Lock | None = trio.Lock()
+        self._handshake_lock: eager_io.Lock | None = eager_io.Lock()
         self._handshake_done = False
         self._eof = False
         self._closed = False

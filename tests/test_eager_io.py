@@ -174,6 +174,11 @@ def test_lock_is_taken_without_a_yield_when_free_and_handed_to_waiters_in_order(
                     await lock.acquire()
         assert order == ["holder", "w1", "w2", "w3"]
         assert not lock.locked()
+        with pytest.raises(KeyError):
+            async with lock:                                # as a context: released on the way out
+                assert lock.locked()
+                raise KeyError("inside")
+        assert not lock.locked()
 
     trio.run(main)
 

@@ -548,13 +548,14 @@ class InboundConnection:
             return reject(f"internal error while deciding: {type(exc).__name__}: {exc}", policy_source=policy.source)
 
     async def _close_all(self) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(_CLOSE_TIMEOUT):
-                if self.backend is not None:
-                    await eager_io.aclose(self.backend)
-                await eager_io.aclose(self.peer_stream)
-            if self.peer_stream is not self.raw:
-                await eager_io.aclose(self.raw)
+        # Shielded from the cancellation that may be ending the connection, bounded by its own
+        # deadline (one scope for both: each costs ~9 µs, issue 13).
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLOSE_TIMEOUT):
+            if self.backend is not None:
+                await eager_io.aclose(self.backend)
+            await eager_io.aclose(self.peer_stream)
+        if self.peer_stream is not self.raw:
+            await eager_io.aclose(self.raw)   # a SocketStream: closed at once, no wait
 
     async def shutdown(self) -> None:
         """Tell the peer the proxy is stopping (system-shutdown) and close."""

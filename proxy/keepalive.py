@@ -21,8 +21,9 @@ KEEPALIVE_COUNT = 4         # unanswered probes before the kernel drops the conn
 
 
 def enable_keepalive(stream: object) -> bool:
-    """Turn keepalive on for the TCP socket under `stream` (a trio SocketStream, or a stream
-    wrapping one in `.transport`); False if there is none (Unix socket, memory stream)."""
+    """Turn keepalive on for the TCP socket under `stream` (a trio SocketStream or
+    SocketListener, or a stream wrapping one in `.transport`); False if there is none (Unix
+    socket, memory stream).  On a listener (Linux), every connection it accepts has it."""
     for _ in range(4):   # TlsStream -> SocketStream: a couple of layers at most
         sock = getattr(stream, "socket", None)
         if sock is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -234,6 +235,10 @@ class ProxyServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler,
                            nursery: trio.Nursery) -> None:
+        # Every accepted connection gets TCP keepalive, WebSocket ones too (proxy/keepalive.py).
+        # Linux copies a listening socket's keepalive settings to each connection it accepts:
+        # set once here, not four system calls per connection (issue 13).
+        inherited = sys.platform.startswith("linux") and enable_keepalive(listener)
         while True:
             try:
                 stream = await listener.accept()
@@ -263,10 +268,11 @@ class ProxyServer:
                     nursery.start_soon(self._refuse, stream, which)
                 continue
             self.active += 1
+            if not inherited:
+                enable_keepalive(stream)
             nursery.start_soon(self._run_handler, handler, stream, slot)
 
     async def _run_handler(self, handler: ConnectionHandler, stream: trio.SocketStream, slot=None) -> None:
-        enable_keepalive(stream)   # every accepted connection, WebSocket ones too (proxy/keepalive.py)
         try:
             if slot is not None:
                 await handler(stream, admission=slot)

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 DECISION_LOGGER = "xmpp_dane_proxy.decision"
 # Keys every line of this process carries, after `logger` (a worker process's `worker=N`,
-# proxy/worker_process.py), so the lines of N workers sharing one journal stay apart.
+# proxy/worker_main.py), so the lines of N workers sharing one journal stay apart.
 _PROCESS_FIELDS: dict[str, Any] = {}
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

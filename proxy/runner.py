@@ -105,8 +105,8 @@ async def run_proxy(config_path: str | Path, *, notifier: Notifier | None = None
         from proxy.workers import supervise, worker_count
 
         if worker_count(cfg.server.workers) > 1:
-            await supervise(holder, metrics, sockets, resolver=resolvers[0], notifier=notifier,
-                            task_status=task_status)
+            await supervise(holder, metrics, sockets, resolver=resolvers[0], drain_seconds=DRAIN_SECONDS,
+                            notifier=notifier, task_status=task_status)
             return
 
     def wrap(role: str) -> list[trio.SocketListener]:

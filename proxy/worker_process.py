@@ -1,6 +1,8 @@
-"""One worker process of `[server] workers = N` (N > 1): the child side (DESIGN §8).
+"""One worker process of `[server] workers = N` (N > 1): what the child and the supervisor
+share (DESIGN §8): the worker's set-up and its control channel.  The worker's entry point is
+proxy/worker_main.py.
 
-The supervisor (proxy/workers.py) starts each worker as `python -m proxy.worker_process` with
+The supervisor (proxy/workers.py) starts each worker as `python -m proxy.worker_main` with
 
 - the listening sockets already bound (its own SO_REUSEPORT copy of every address, or the
   socket-activated descriptors all workers share), passed as inherited descriptors;
@@ -24,9 +26,7 @@ import errno
 import json
 import logging
 import os
-import signal
 import socket
-import sys
 from dataclasses import dataclass, field
 
 import trio
@@ -112,75 +112,3 @@ class ControlChannel(Notifier):
             os.close(self.fd)
         except OSError:
             pass
-
-
-async def _stop_when_supervisor_goes(task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Drain (as on SIGTERM) when stdin, the supervisor's pipe, reaches end of file."""
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    task_status.started()
-    try:
-        while await stdin.receive_some(256):
-            pass
-    except (trio.BrokenResourceError, OSError):
-        pass
-    log.warning("supervisor gone; draining and exiting")
-    os.kill(os.getpid(), signal.SIGTERM)
-    await trio.sleep(ORPHAN_EXIT_SECONDS)
-    os._exit(1)
-
-
-def _read_dialback_secret() -> bytes:
-    """The supervisor's dialback secret (proxy/dialback_keys.py): the first line on stdin, read
-    unbuffered so that nothing after it is taken from the pipe `_stop_when_supervisor_goes` watches."""
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = os.read(sys.stdin.fileno(), 1)
-        if not chunk:
-            raise SystemExit("worker: stdin closed before the supervisor sent the dialback secret")
-        line += chunk
-        if len(line) > 256:
-            raise SystemExit("worker: the supervisor's first line is not a dialback secret")
-    return bytes.fromhex(line.decode("ascii").strip())
-
-
-async def run_worker(setup: WorkerSetup, dialback_secret: bytes | None = None) -> None:
-    """`run_proxy` on the handed sockets, reporting to the supervisor; returns after the drain."""
-    from proxy.runner import run_proxy
-
-    channel = ControlChannel(setup.control_fd)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_when_supervisor_goes)
-        await run_proxy(setup.config_path, notifier=channel, worker=setup, dialback_secret=dialback_secret)
-        nursery.cancel_scope.cancel()
-    channel.close()
-
-
-def main() -> int:
-    """Entry point of a worker process; exit 1 when the files on disk do not load."""
-    from proxy.logsetup import set_process_fields
-    from proxy.reload import StateLoadError
-
-    # Until run_proxy's signal receivers are installed, and again after they are gone (during
-    # the drain), SIGTERM/SIGINT/SIGHUP must not kill the worker with Python's default action:
-    # systemd (KillMode=control-group) or a terminal's Ctrl-C signal the whole group at once,
-    # and the supervisor forwards the same signal a moment later.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_IGN)
-    setup = WorkerSetup.from_environ(os.environ.pop(ENV_SETUP))
-    secret = _read_dialback_secret()
-    set_process_fields(worker=setup.index)
-    # The supervisor loaded and checked these files first and logged their warnings and
-    # reload results once; N workers repeating them would only be noise.  Errors still show.
-    logging.getLogger("xmpp_dane_proxy.reload").setLevel(logging.ERROR)
-    problems: list[str] = []
-    try:
-        trio.run(run_worker, setup, secret)
-    except* StateLoadError as group:     # from inside run_worker's nursery: in a group
-        problems = [line for exc in group.exceptions for line in getattr(exc, "messages", [str(exc)])]
-    for line in problems:
-        print(f"worker {setup.index}: {line}", file=sys.stderr)
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ server runs one worker per core.  With N > 1 the process started by `xmpp-dane-p
 becomes the **supervisor**:
 
 - it loads and checks every file (as one process would), binds the listening sockets, and
-  starts N workers (proxy/worker_process.py), each running the ordinary `run_proxy` on its own
+  starts N workers (proxy/worker_main.py), each running the ordinary `run_proxy` on its own
   trio loop, with its own TLS contexts and DNS cache (shared through the local resolver);
 - sockets: for every listen address the supervisor binds one SO_REUSEPORT socket per worker,
   so the kernel spreads new connections over the workers by a hash of the peer's address and
@@ -324,14 +324,14 @@ class Supervisor:
         passed = [write_fd, *(fd for fds in slot.fds.values() for fd in fds)]
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "proxy.worker_process"], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "proxy.worker_main"], stdin=subprocess.PIPE,
                 pass_fds=passed, env=_worker_env(setup, self.metrics.directory))
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
-        # The secret's one line, first thing on stdin (proxy/worker_process.py reads it before
+        # The secret's one line, first thing on stdin (proxy/worker_main.py reads it before
         # anything else); the pipe then stays open: its end of file tells the worker we are gone.
         try:
             await process.stdin.send_all(self.dialback_secret.hex().encode() + b"\n")
@@ -412,7 +412,7 @@ class Supervisor:
         running = [s for s in self.slots if s.process is not None and s.process.returncode is None]
         for slot in running:
             # One that is still starting has no streams to drain, and may not listen to
-            # SIGTERM yet (proxy/worker_process.py ignores it until run_proxy is ready).
+            # SIGTERM yet (proxy/worker_main.py ignores it until run_proxy is ready).
             slot.process.send_signal(signal.SIGTERM if slot.ready else signal.SIGKILL)
         running = [s.process for s in running]
         with trio.move_on_after(drain_seconds + STOP_GRACE):
@@ -437,7 +437,7 @@ def _worker_env(setup: WorkerSetup, metrics_dir: str) -> dict[str, str]:
            and k.lower() != "prometheus_multiproc_dir"}
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     env[ENV_SETUP] = setup.to_environ()
-    # `python -m proxy.worker_process` must import this very proxy package, wherever it is.
+    # `python -m proxy.worker_main` must import this very proxy package, wherever it is.
     root = str(Path(proxy.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
@@ -457,15 +457,14 @@ def _exit_status(code: int | None) -> str:
 # ----------------------------------------------------------------------------- the supervisor's main
 
 async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[str, list], *,
-                    resolver: Resolver, notifier: Notifier | None = None,
+                    resolver: Resolver, drain_seconds: float, notifier: Notifier | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Be the supervisor of `worker_count(server.workers)` workers until SIGTERM/SIGINT.
 
     `holder` has loaded and checked the files; `metrics` records its loads; `activated` are
     the socket-activated sockets by role (proxy.socket_activation.listen_fds); `resolver` is
-    for the own-TLSA guard (proxy/own_tlsa.py), which runs here, once for all workers."""
-    from proxy.runner import DRAIN_SECONDS
-
+    for the own-TLSA guard (proxy/own_tlsa.py), which runs here, once for all workers;
+    `drain_seconds` is how long a worker drains after SIGTERM (proxy.runner.DRAIN_SECONDS)."""
     own_tlsa = OwnTlsaGuard(resolver, metrics=metrics)
     holder.vet = own_tlsa.vet_reload
     holder.announce_reloads = False     # _reload_on_sighup says it once the workers have reloaded
@@ -523,7 +522,7 @@ async def supervise(holder: StateHolder, metrics: Metrics, activated: Mapping[st
                 notifier.stopping()
                 # Still inside the receiver: a second SIGTERM (or Ctrl-C) during the drain is
                 # absorbed; the drain has its own bound.
-                await supervisor.stop(DRAIN_SECONDS)
+                await supervisor.stop(drain_seconds)
             nursery.cancel_scope.cancel()
     except WorkerStartError as exc:
         log_event(log, logging.ERROR, "start-failed", reason=str(exc))

@@ -5,7 +5,8 @@ what happened (bytes from the peer or the backend, TLS established, backend conn
 verdict) and performs the actions it returns, in order (`SendToPeer`, `StartTls`,
 `ConnectBackend`, `CheckDialback`, `Close`, ... in `proxy.inbound_actions`), so every rule
 below is testable in memory.  This module is the stream's life; how domain pairs are
-authenticated and checked on it (steps 4-5, DESIGN §3.3) is `proxy.inbound_pairs`.
+authenticated and checked on it (steps 4-5, DESIGN §3.3) is `proxy.inbound_pairs`; how it ends
+(timeouts, the backend gone, shutdown, stream errors) is `proxy.inbound_endings`.
 
 The flow, and what the peer gets when it breaks a rule (always with a `<text>` reason):
 
@@ -40,33 +41,27 @@ from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
 from policy.domain_reading import DomainReadingError, domainpart, read_domain
-from proxy.bounce import STANZAS as _STANZAS, elements_in, error_reply, needs_error_reply
+from proxy.bounce import STANZAS as _STANZAS, elements_in
 from proxy.dialback_keys import DialbackKeys
 from proxy.gate import Passage, Refusal, Stage, admit
 from proxy.inbound_actions import (
-    OUTCOMES, Action, Authenticated, CheckDialback, Close, ConnectBackend, Negotiated, PeerDone, PeerGrace,
+    Action, Authenticated, CheckDialback, Close, ConnectBackend, Negotiated, PeerDone, PeerGrace,
     Note, SendToBackend, SendToPeer, StartTls,
 )
-from proxy.inbound_auth import BACKEND_REFUSED_KEY, ExternalAuth
-from proxy.inbound_pairs import MAX_DIALBACK_REJECTIONS, DomainPairs, clip, describe_element, jid_domain, local_reading
+from proxy.inbound_auth import ExternalAuth
+from proxy.inbound_endings import BACKEND_GONE_LIMIT, BACKEND_GONE_QUIET, StreamEndings
+from proxy.inbound_pairs import MAX_DIALBACK_REJECTIONS, describe_element, jid_domain, local_reading
 from proxy.s2s_auth import NS_SASL, dialback_error
 from proxy.tls import TlsInfo
 from proxy.xmlstream import (
     NS_DIALBACK, NS_SERVER, NS_STREAMS, NS_TLS, STREAM_CLOSE, DEFAULT_MAX_STANZA_BYTES, Element,
-    StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_error, stream_header,
+    StreamClosed, StreamOpened, XmlError, XmlStreamParser, stream_header,
 )
 
 
 # After the peer ended its stream, how long the backend may take to end its own before we
 # close anyway (RFC 6120 §4.4 lets it flush first; it must not hold the connection forever).
 CLOSE_GRACE = 10.0
-# The backend's connection was lost: stanzas the peer sent before it learnt of it are still
-# arriving, and each is answered as undeliverable while our stream stays open.  The peer is
-# taken to have sent all of them once it has been quiet for a round trip with margin (0.5 s,
-# well above intercontinental RTTs); a peer that never falls quiet is closed after 5 s, so
-# new traffic soon goes to a new connection (and, once the backend is back, gets delivered).
-BACKEND_GONE_QUIET = 0.5
-BACKEND_GONE_LIMIT = 5.0
 
 NS_BIDI_FEATURE = "urn:xmpp:features:bidi"
 # Backend stream features the peer must not see.  STARTTLS: TLS is ours, the backend's port
@@ -81,12 +76,6 @@ _FEATURES_STARTTLS = (
     b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
     b"</stream:features>"
 )
-_OUTCOME_OF_CONDITION = {
-    "bad-format": "not-well-formed", "bad-namespace-prefix": "not-well-formed",
-    "invalid-namespace": "not-well-formed", "unsupported-encoding": "not-well-formed",
-    "improper-addressing": "invalid-from", "internal-server-error": "remote-connection-failed",
-    "unsupported-stanza-type": "policy-violation",
-}
 # Elements from the backend are trusted to be sane; the bound only caps memory.  1 MiB is
 # above Prosody's s2s default of 512 KiB, so nothing the backend legitimately sends is cut.
 BACKEND_MAX_ELEMENT_BYTES = 1 << 20
@@ -103,7 +92,7 @@ def _local_readings(domains: frozenset[str]) -> frozenset[str]:
 
 # ================================================================================ the protocol
 
-class InboundSession(DomainPairs):
+class InboundSession(StreamEndings):
     """The inbound stream's protocol state, sans-IO.  See the module docstring for the rules.
 
     Inputs return the list of actions to perform, in order.  Peer events are processed one
@@ -390,170 +379,6 @@ class InboundSession(DomainPairs):
                 break
         return self._drain() if opened else self._take()   # the peer's elements waited for the header
 
-    def backend_eof(self, reason: str = "") -> list[Action]:
-        """The backend connection ended (or broke) without `</stream:stream>`."""
-        if self.closed:
-            return []
-        self._backend_lost = self._backend_closed_sent = True
-        why = f"{self.describe_backend} closed the connection{': ' + reason if reason else ''}"
-        if self.state == "draining":
-            self._close(why, outcome="system-shutdown")
-            return self._take()
-        if not self._backend_header_seen:
-            self._error("remote-connection-failed", why + " before answering the stream")
-            return self._take()
-        if self.state == "relay":
-            # The backend is gone (crashed, or restarted without ending its stream).  What
-            # the peer sends from now on cannot be delivered: each stanza is answered with an
-            # error (RFC 6120 §8.3, proxy/bounce.py) while our stream stays open, until the
-            # peer falls quiet (what it had under way has arrived) or a bound passes; then
-            # the stream ends with remote-connection-failed.
-            self.state, self._gone_reason = "backend-gone", why
-            for held in self.sasl.release():
-                self._undeliverable(held)
-            self._out.append(PeerGrace(BACKEND_GONE_QUIET, BACKEND_GONE_LIMIT))
-            return self._take()
-        if self.state == "backend-done":
-            return []   # already closed towards the peer; its late stanzas are counted, not sent
-        self._out.append(SendToPeer(STREAM_CLOSE))
-        self._close(why)
-        return self._take()
-
-    def backend_send_failed(self, data: bytes, reason: str) -> list[Action]:
-        """Sending `data` to the backend failed: its connection is gone.  The stanzas in
-        `data` are answered as undeliverable (where the stream to the peer is still open)."""
-        if self.closed:
-            return []
-        lost = elements_in(data, self._peer_header.raw if self._peer_header else b"", self.backend_max_element_bytes)
-        ended = self.backend_eof(reason)   # (it resets self._out: extend the new one)
-        self._out.extend(ended)
-        for el in lost:
-            self._undeliverable(el)
-        return self._take()
-
-    def backend_silent(self, seconds: float) -> list[Action]:
-        """The backend accepted the connection but sent no stream header in `seconds`."""
-        if self.closed or self._backend_header_seen or self.state not in ("relay", "connecting"):
-            return []
-        self._end_backend_stream()
-        self._error("remote-connection-failed",
-                    f"{self.describe_backend} accepted the connection but sent no stream header within {seconds:g} s")
-        return self._take()
-
-    def grace_over(self) -> list[Action]:
-        """The wait announced by `PeerGrace` is over: end the stream."""
-        if self.state == "backend-done":
-            self._end_backend_stream()
-            self._close("the backend closed the stream; the peer did not close its own in time")
-        elif self.state == "backend-gone":
-            self._error("remote-connection-failed", self._gone_reason)
-        return self._take()
-
-    def _undeliverable(self, el: Element) -> None:
-        """A stanza for a backend that is gone: an error back to its sender while our stream
-        to the peer is open (RFC 6120 §8.3), else counted for the log."""
-        if not needs_error_reply(el):
-            return
-        if self.state == "backend-gone":
-            self.returned += 1
-            self._out.append(SendToPeer(error_reply(
-                el, f"not delivered: the receiving server is unavailable ({self._gone_reason})")))
-        else:
-            self.undeliverable += 1
-
-    # ------------------------------------------------------------------ inputs: verdicts, time
-
-    def timed_out(self, seconds: float) -> list[Action]:
-        """The handshake timeout expired (normally before the stream was negotiated)."""
-        if self.closed:
-            return []
-        if self.negotiated and not self._backend_header_seen:
-            return self.backend_silent(seconds)   # the backend, not the peer, is what hangs
-        if self.negotiated and self.sasl.awaiting_restart:
-            self._end_backend_stream()
-            self._error("connection-timeout", f"the stream was not restarted within {seconds:g} s of SASL <success/> "
-                                              "(RFC 6120 §6.4.6; limits.handshake_timeout)")
-            return self._take()
-        if self.negotiated and self.sasl.pending:
-            text = (f"the backend did not confirm {self.sasl.pair[0]} within {seconds:g} s (limits.handshake_timeout): "
-                    + BACKEND_REFUSED_KEY.replace("did not accept", "did not answer"))
-            self._out.append(Note("sasl-backend-silent", text, warning=True))
-            self._end_backend_stream()
-            self._error("connection-timeout", text)
-            return self._take()
-        if self.negotiated:
-            # DESIGN §3.1 Deadlines: the handshake ends when the backend confirms a pair.
-            self._end_backend_stream()
-            self._error("connection-timeout", f"no domain pair authenticated within {seconds:g} s "
-                        "(limits.handshake_timeout)")
-            return self._take()
-        if self.state == "tls":
-            self._close(f"TLS handshake not completed within {seconds:g} s", outcome="connection-timeout")
-            return self._take()
-        if self.state == "connecting":
-            self._error("remote-connection-failed",
-                        f"{self.describe_backend} did not accept the connection within {seconds:g} s")
-            return self._take()
-        self._error("connection-timeout", f"stream negotiation not completed within {seconds:g} s")
-        return self._take()
-
-    def idle_timed_out(self, seconds: float) -> list[Action]:
-        """No byte from the peer for `limits.idle_timeout` seconds after authentication."""
-        if self.closed:
-            return []
-        self._end_backend_stream()
-        self._error("connection-timeout", f"nothing received from the peer for {seconds:g} s (limits.idle_timeout)")
-        return self._take()
-
-    def shutdown(self, text: str = "the proxy is shutting down") -> list[Action]:
-        """The proxy stops (RFC 6120 §4.9.3.19 system-shutdown)."""
-        if self.closed:
-            return []
-        if self.state == "tls":
-            self._close(text, outcome="system-shutdown")
-            return self._take()
-        if self.state == "relay":
-            # RFC 6120 §4.4: we close our stream (system-shutdown, §4.9.3.19) but keep
-            # processing what the peer sent before it saw that; the backend's stream ends
-            # once the peer closes its side (or the drain time of the shell runs out).
-            self._out.append(SendToPeer(stream_error("system-shutdown", text)))
-            self.state = "draining"
-            return self._take()
-        if self.state in ("draining", "backend-done"):
-            return []   # our stream to the peer is closed already; the drain bound applies
-        self._end_backend_stream()
-        self._error("system-shutdown", text)
-        return self._take()
-
-    def stopped(self, text: str = "the proxy stopped") -> list[Action]:
-        """The proxy stops now: the drain time is over (or the task was cancelled).  The
-        backend's stream always gets its closing tag; the peer gets system-shutdown unless
-        our stream to it is closed already."""
-        if self.closed:
-            return []
-        if self.state in ("draining", "backend-done"):
-            self._end_backend_stream()
-            self._close(f"{text}: the peer did not close its stream in time", outcome="system-shutdown")
-        elif self.state == "tls":
-            self._close(text, outcome="system-shutdown")
-        else:
-            self._end_backend_stream()
-            self._error("system-shutdown", text)
-        return self._take()
-
-    def revoked(self, condition: str, text: str) -> list[Action]:
-        """DESIGN §3.4: a pair accepted earlier is no longer accepted after re-verification:
-        the backend's stream ends politely, the peer gets stream error `condition` with `text`."""
-        if self.closed:
-            return []
-        self._end_backend_stream()
-        self._error(condition, text)
-        return self._take()
-
-    def _finish_drain(self, why: str) -> None:
-        self._end_backend_stream()
-        self._close(why, outcome="system-shutdown")
-
     # ------------------------------------------------------------------ peer events
 
     def _drain(self) -> list[Action]:
@@ -745,63 +570,6 @@ class InboundSession(DomainPairs):
             self._end_backend_stream()
             self._error("internal-server-error", f"{self.describe_backend} sent over {self.backend_max_element_bytes} "
                                                  "bytes while the peer restarted its stream after SASL")
-
-    # ------------------------------------------------------------------ endings
-
-    def _end_backend_stream_after_held(self) -> None:
-        """The peer ended its stream: end the backend's, unless stanzas wait for the backend to
-        confirm the pair SASL authenticated -- they were accepted and go first (DESIGN §3.1
-        step 6), and the backend's stream ends after them (the shell bounds the wait)."""
-        if self.sasl.held and not self._backend_lost:
-            self._end_after_release = True
-        else:
-            self._end_backend_stream()
-
-    def _end_backend_stream(self) -> None:
-        """Close the backend's stream politely (after everything already forwarded)."""
-        if self.state in ("relay", "peer-done", "draining", "backend-done") and not self._backend_closed_sent:
-            self._backend_closed_sent = True
-            self._out.append(SendToBackend(STREAM_CLOSE))
-
-    def _error(self, condition: str, text: str) -> None:
-        """Collect stream error `condition` for the peer (with our header first if the peer
-        has not seen one: RFC 6120 §4.9.1.1) and the close."""
-        if self.closed:
-            return
-        text = clip(text)
-        if self.state in ("draining", "backend-done"):
-            # Our stream to the peer is already closed: no second error on it.
-            self._end_backend_stream()
-            self._close(text, condition)
-            return
-        if self.state == "tls":
-            self._close(text, condition)
-            return
-        header = b""
-        if not self._header_sent:
-            to = self._peer_header.from_ if self._peer_header else None
-            frm = self.local_domain or (self._peer_header.to if self._peer_header else None)
-            header = stream_header(from_=frm, to=to, id=secrets.token_hex(8))
-        self._out.append(SendToPeer(header + stream_error(condition, text)))
-        self._header_sent = True
-        self._close(text, condition)
-
-    def _close(self, reason: str, condition: str | None = None, outcome: str | None = None) -> None:
-        if not self.closed:
-            if outcome is None:
-                if condition is not None:
-                    outcome = _OUTCOME_OF_CONDITION.get(condition, condition)
-                else:
-                    outcome = "ok" if self.negotiated else "closed-early"
-            if self.returned or self.undeliverable:
-                reason += (f" ({self.returned} stanzas returned as undeliverable, "
-                           f"{self.undeliverable} arrived too late to be answered)")
-            self.state = "closed"
-            self._queue = None
-            self._waiting = None
-            # A condition outside OUTCOMES would be a bug here, not an escaped exception.
-            self.ending = Close(clip(reason), condition, outcome if outcome in OUTCOMES else "closed-early")
-            self._out.append(self.ending)
 
     def _enqueue(self, events: list, *, first: bool = False) -> None:
         """Queue peer events for `_drain`, after those waiting (`first`: before them)."""

@@ -206,6 +206,7 @@ class InboundConnection:
 
     async def _run(self) -> None:
         escaped: BaseException | None = None
+        grace = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -218,14 +219,17 @@ class InboundConnection:
                 if not self._close_done:
                     # The peer ended its stream, or the session closed in another task that is
                     # still sending the last bytes (the final </stream:stream>): let it finish
-                    # and give the backend time to end its own stream.
-                    with trio.move_on_after(CLOSE_GRACE):
-                        self._close_waiter = trio.Event()
-                        await self._close_waiter.wait()
-                    if not self.session.closed:
-                        self.close_reason = "the backend did not close its stream in time"
-                        self.outcome = "ok"
+                    # and give the backend time to end its own stream.  The nursery's own
+                    # deadline bounds the wait (it ends the nursery either way: no scope of
+                    # its own, ~10 µs per stream, issue 13).
+                    grace = True
+                    self._close_waiter = trio.Event()
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+                    await self._close_waiter.wait()
                 nursery.cancel_scope.cancel()
+            if grace and not self.session.closed:
+                self.close_reason = "the backend did not close its stream in time"
+                self.outcome = "ok"
         except BaseException as exc:
             if not _is_cancellation(exc):
                 escaped = exc

@@ -545,6 +545,16 @@ def _records(client: TlsStream, count: int, *, corrupt_last: bool = False) -> tu
     return plain, bytes(cipher)
 
 
+async def _records_then_close_notify(pki, count: int) -> tuple[TlsStream, TlsStream, bytes]:
+    """A connected pair whose client has sent `count` records, then its close_notify, all
+    before the server reads: (server, client, the records' plaintext)."""
+    server, client = await _socket_pair_streams(pki)
+    plain, cipher = _records(client, count)
+    await client.transport.send_all(cipher)
+    await client.aclose()
+    return server, client, plain
+
+
 def _choose_read_path(monkeypatch, direct: bool) -> None:
     """TlsStream reads records straight through SSL_read (direct) or through pyOpenSSL's
     recv (what it falls back to without pyOpenSSL's bindings)."""
@@ -563,10 +573,7 @@ def test_many_records_in_one_read_then_close_notify(pki, monkeypatch, direct):
 
     async def main():
         with trio.fail_after(TIMEOUT):
-            server, client = await _socket_pair_streams(pki)
-            plain, cipher = _records(client, 300)
-            await client.transport.send_all(cipher)
-            await client.aclose()
+            server, _client, plain = await _records_then_close_notify(pki, 300)
             got = bytearray()
             while chunk := await server.receive_some():
                 got += chunk
@@ -587,10 +594,7 @@ def test_a_stream_read_to_its_close_notify_is_freed_without_the_cyclic_gc(pki):
 
     async def main():
         with trio.fail_after(TIMEOUT):
-            server, client = await _socket_pair_streams(pki)
-            plain, cipher = _records(client, 5)
-            await client.transport.send_all(cipher)
-            await client.aclose()
+            server, client, plain = await _records_then_close_notify(pki, 5)
             assert await server.receive_some() == plain     # the records, then ...
             assert server._read_error is not None            # ... the close, met in the same read
             assert await server.receive_some() == b""

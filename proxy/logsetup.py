@@ -62,9 +62,10 @@ def _logfmt_uncached(text: str) -> str:
 
 # Short values (directions, verdicts, domains, outcomes) recur on line after line: rendered
 # once (a line's values cost ~4 of its ~11 µs, issue 13).  Long ones (reasons, tracebacks)
-# rarely recur and are not kept.
+# rarely recur and are not kept.  A small cache suffices: the recurring values are used on
+# every line and stay; one-off ones (timestamps, peer ports) pass through it.
 _CACHED_VALUE_CHARS = 96
-_logfmt_text = functools.lru_cache(maxsize=1024)(_logfmt_uncached)
+_logfmt_text = functools.lru_cache(maxsize=128)(_logfmt_uncached)
 
 
 def logfmt_value(value: Any) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,22 +223,50 @@ class ServerCertificates:
 class TlsInfo:
     """What the handshake established, for the verdict and the log.
 
-    The peer's chain is kept as DER and parsed on each use of `chain`: a stream keeps it for
-    later domain pairs and re-verification, mostly idle, and a parsed certificate costs ~0.8
-    KiB of heap beyond its DER (issue 13, memory per idle stream); a verdict parses it once."""
+    The peer's chain is parsed on each use of `chain`: a stream keeps it for later domain
+    pairs and re-verification, mostly idle, and a parsed certificate costs ~0.8 KiB of heap
+    beyond its DER (issue 13, memory per idle stream); a verdict parses it once.  From a
+    `TlsStream` the DER itself is not kept either: it is read from OpenSSL's own copy
+    (`PeerChainDer`)."""
 
     version: str                      # "1.2" / "1.3"
     protocol: str                     # OpenSSL's name, e.g. "TLSv1.3"
     cipher: str | None
     alpn: str | None
     server_name: str | None
-    chain_der: tuple[bytes, ...]      # the peer's chain as presented, leaf first, DER
+    chain_der: Sequence[bytes]        # the peer's chain as presented, leaf first, DER
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
         """The peer's chain, parsed; `UnreadableCertificate` if `cryptography` cannot read
         one that OpenSSL took (e.g. an X.509 version other than 1-3)."""
         return tuple(_parse_chain(self.chain_der))
+
+
+class PeerChainDer(Sequence[bytes]):
+    """A TLS stream's peer chain as DER (leaf first), read from OpenSSL on each use.
+
+    OpenSSL keeps the certificates the peer presented for the connection's life; a copy of
+    their DER beside them was ~0.9 KiB per stream, idle streams included (issue 13).  Only
+    whether there is one at all is kept (it is asked on every set-up)."""
+
+    __slots__ = ("_stream", "_present")
+
+    def __init__(self, stream: "TlsStream", present: bool) -> None:
+        self._stream = stream
+        self._present = present
+
+    def __bool__(self) -> bool:
+        return self._present
+
+    def __len__(self) -> int:
+        return len(self._stream.peer_chain_der()) if self._present else 0
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._stream.peer_chain_der()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._stream.peer_chain_der() if self._present else ())
 
 
 def _interned(text: str | None) -> str | None:
@@ -728,5 +756,6 @@ class TlsStream(trio.abc.Stream):
             cipher=_interned(self.cipher),
             alpn=_interned(self.alpn),
             server_name=_interned(self.server_name),
-            chain_der=tuple(self.peer_chain_der()),
+            chain_der=PeerChainDer(self, self._conn.get_peer_certificate() is not None
+                                   or bool(self._conn.get_peer_cert_chain())),
         )

@@ -172,8 +172,11 @@ def test_server_side_with_s_client_presenting_a_chain(pki):
                     await tls.aclose()
         assert got == b"hello from s_client\n"
         # The server side of OpenSSL omits the leaf from the peer chain; TlsStream puts it back.
+        # (Read after the close: from OpenSSL's copy, which lasts as long as the stream.)
         assert subjects(info.chain) == ["CN=a.example", "CN=Test Intermediate CA"]
         assert info.chain[0] == pki["a"].issued.cert
+        assert info.chain_der and len(info.chain_der) == 2
+        assert list(info.chain_der) == [c.public_bytes(serialization.Encoding.DER) for c in info.chain]
         assert (info.version, info.protocol, info.alpn, info.server_name) == ("1.3", "TLSv1.3", "xmpp-server", "b.example")
         assert re.search(rb"Peer certificate: CN\s*=\s*b\.example", client.output)
 
@@ -189,6 +192,8 @@ def test_server_side_client_certificate_is_optional(pki):
                     tls = TlsStream(await listener.accept(), certs.context_for(None), server_side=True)
                     await tls.do_handshake()
                     assert tls.peer_chain() == []
+                    info = tls.info()
+                    assert not info.chain_der and list(info.chain_der) == [] and info.chain == ()
                     assert tls.version == "1.2" and tls.alpn is None and tls.server_name is None
                     await tls.aclose()
 

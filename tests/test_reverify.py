@@ -36,10 +36,10 @@ from test_inbound_openssl import (
 )
 from test_outbound import LOCAL as OUT_LOCAL
 from test_outbound import (
-    StandInPeer, _publish, backend_stream, issue_peer, make_context, peer_cert_of, proxy_running,
+    StandInPeer, _publish, backend_stream, issue_peer, make_context, proxy_running,
 )
 from test_tls import write_identity
-from xmppclient import NS_DIALBACK, XmppError
+from xmppclient import XmppError
 
 TTL = 1
 DEADLINE = 20.0

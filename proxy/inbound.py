@@ -206,7 +206,6 @@ class InboundConnection:
 
     async def _run(self) -> None:
         escaped: BaseException | None = None
-        grace = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -222,12 +221,11 @@ class InboundConnection:
                     # and give the backend time to end its own stream.  The nursery's own
                     # deadline bounds the wait (it ends the nursery either way: no scope of
                     # its own, ~10 µs per stream, issue 13).
-                    grace = True
                     self._close_waiter = trio.Event()
                     nursery.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
                     await self._close_waiter.wait()
                 nursery.cancel_scope.cancel()
-            if grace and not self.session.closed:
+            if self._close_waiter is not None and not self.session.closed:   # the grace ran out
                 self.close_reason = "the backend did not close its stream in time"
                 self.outcome = "ok"
         except BaseException as exc:
@@ -558,8 +556,8 @@ class InboundConnection:
             if self.backend is not None:
                 await eager_io.aclose(self.backend)
             await eager_io.aclose(self.peer_stream)
-        if self.peer_stream is not self.raw:
-            await eager_io.aclose(self.raw)   # a SocketStream: closed at once, no wait
+            if self.peer_stream is not self.raw:
+                await eager_io.aclose(self.raw)   # a SocketStream: closed at once, even past the deadline
 
     async def shutdown(self) -> None:
         """Tell the peer the proxy is stopping (system-shutdown) and close."""

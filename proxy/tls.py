@@ -388,11 +388,10 @@ class TlsStream(trio.abc.Stream):
         if not self._outgoing or (not wait and lock.locked()):
             await trio.lowlevel.checkpoint()
             return
-        if lock.locked():
-            await lock.acquire()
-            self._collect()       # and what was produced while this task waited
-        else:
-            await lock.acquire()  # free: taken without a yield, nothing new to collect
+        waited = lock.locked()    # free, it is taken without a yield: nothing new to collect
+        await lock.acquire()
+        if waited:
+            self._collect()       # what was produced while this task waited
         try:
             await self._send_outgoing()
         finally:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from loadclient import Endpoint, client_context, dance  # noqa: E402
 from procs import Proc, free_port, wait_listening  # noqa: E402
-from run import LOAD_CORE, SERVER_CORE, make_pki, publish_peer, write_proxy_config, write_stunnel_config  # noqa: E402
+from run import LOAD_CORE, SERVER_CORE, start_world, write_proxy_config, write_stunnel_config  # noqa: E402
 
 WARM_UP = 10     # set-ups before counting: the DNS cache, the interpreter's caches, OpenSSL's tables
 # callgrind's own start-up (it translates every instruction it meets) makes the first
@@ -117,14 +117,7 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        from dnsenv import dns_environment
-
-        world = make_pki(workdir)
-        env = stack.enter_context(dns_environment())
-        publish_peer(env, world)
-        sink = Proc("sink", [sys.executable, str(HERE / "sink.py")], core=LOAD_CORE, log=workdir / "sink.log")
-        stack.callback(sink.stop)
-        sink_port = int(sink.read_line("LISTENING").split()[1])
+        world, env, sink, sink_port = start_world(stack, workdir, LOAD_CORE)
         ctx = client_context(str(world.peer_cert), str(world.peer_key))
 
         config = write_proxy_config(world, sink_port, env.resolver_address, args.evidence)

@@ -149,6 +149,19 @@ def publish_peer(env, world: World) -> None:
     env.publish_xmpp(PEER, SRV_TARGET, 5269, "127.0.0.1", world.peer_leaf, "3 1 1")
 
 
+def start_world(stack: ExitStack, workdir: Path, sink_core: int | frozenset[int]):
+    """The PKI, the signed DNS with the peer published, and the sink, all stopped by `stack`:
+    (world, dns environment, sink process, sink port)."""
+    from dnsenv import dns_environment
+
+    world = make_pki(workdir)
+    env = stack.enter_context(dns_environment())
+    publish_peer(env, world)
+    sink = Proc("sink", [sys.executable, str(HERE / "sink.py")], core=sink_core, log=workdir / "sink.log")
+    stack.callback(sink.stop)
+    return world, env, sink, int(sink.read_line("LISTENING").split()[1])
+
+
 def write_proxy_config(world: World, sink_port: int, resolver: str, evidence: str = "dns") -> Path:
     """The proxy's config.toml and the peer's policy file.
 
@@ -685,16 +698,8 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        from dnsenv import dns_environment
-
-        world = make_pki(workdir)
-        env = stack.enter_context(dns_environment())
-        publish_peer(env, world)
+        world, env, sink, sink_port = start_world(stack, workdir, LOAD_CORE)
         log(f"DNS: nsd + unbound on {env.resolver_address} (started in {env.startup_seconds:.2f} s)")
-
-        sink = Proc("sink", [sys.executable, str(HERE / "sink.py")], core=LOAD_CORE, log=workdir / "sink.log")
-        stack.callback(sink.stop)
-        sink_port = int(sink.read_line("LISTENING").split()[1])
 
         proxy_argv = [sys.executable, str(HERE / "proxy_process.py"),
                       str(write_proxy_config(world, sink_port, env.resolver_address, args.evidence))]

@@ -48,7 +48,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 
 from loadclient import BenchError, Endpoint, client_context, dance  # noqa: E402
 from procs import Proc, ProcError, background_busy, core_busy, cpu_seconds, free_port  # noqa: E402
-from run import log, make_pki, publish_peer, write_proxy_config  # noqa: E402
+from run import log, start_world, write_proxy_config  # noqa: E402
 
 _READY = re.compile(r"logger=xmpp_dane_proxy\.(?:run|workers) event=ready\b")
 _STARTED = re.compile(r"event=worker-started worker=(\d+) pid=(\d+)")
@@ -174,15 +174,7 @@ def main(argv=None) -> int:
         if not args.keep:
             import shutil
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        from dnsenv import dns_environment
-
-        world = make_pki(workdir)
-        env = stack.enter_context(dns_environment())
-        publish_peer(env, world)
-        sink = Proc("sink", [sys.executable, str(HERE / "sink.py")], core=frozenset(load_cores),
-                    log=workdir / "sink.log")
-        stack.callback(sink.stop)
-        sink_port = int(sink.read_line("LISTENING").split()[1])
+        world, env, sink, sink_port = start_world(stack, workdir, frozenset(load_cores))
         ctx = client_context(str(world.peer_cert), str(world.peer_key))
         quiet = background_busy()
         log(f"background load with the benchmark idle: {quiet}")

@@ -9,7 +9,9 @@ that saves 2 % of a set-up cannot be seen in it.  This counts what the CPU is as
 instead, which does not depend on the neighbours: both servers run under callgrind, the same
 client (`loadclient.dance`) sets up one stream at a time after a warm-up (so the DNS cache is
 warm, as in `run.py`), and the counters cover exactly the measured set-ups (`callgrind_control
--z` before, `-d` after).  Repeated runs agree to about 0.2 %.
+-z` before, `-d` after).  Runs with the same `--setups` agree to about 0.2 % (8.246, 8.260
+and 8.262 M for the proxy at 100); fewer set-ups read higher, the process's periodic work
+spread over fewer of them (8.76 M at 20).
 
 It is an A/B instrument for code changes, not the headline: an instruction is not a unit of
 time (OpenSSL's arithmetic runs several per cycle, the interpreter's dispatch fewer), kernel
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        world, env, sink, sink_port = start_world(stack, workdir, LOAD_CORE)
+        world, env, _sink, sink_port = start_world(stack, workdir, LOAD_CORE)
         ctx = client_context(str(world.peer_cert), str(world.peer_key))
 
         config = write_proxy_config(world, sink_port, env.resolver_address, args.evidence)

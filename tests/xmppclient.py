@@ -372,6 +372,15 @@ class C2SClient:
         """Initial available presence (makes the session eligible for messages)."""
         await self.xs.send("<presence/>")
 
+    async def become_available(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Initial presence, and wait until the server has processed it: RFC 6121 §4.2.2, the
+        server broadcasts it to all of the user's available resources, this one included.
+        Until then a message to the bare JID may find no available resource (ejabberd routes
+        each session in a process of its own, so our presence and another user's message race)."""
+        await self.send_presence()
+        await self.xs.wait_for(lambda s: s.name == "presence" and s.get("from") == self.jid
+                               and s.get("type") in (None, "available"), timeout=timeout)
+
     async def send_message(self, to: str, body: str, *, type: str = "chat", id: str | None = None) -> None:
         stanza_id = id or f"m{next(_ids)}"
         await self.xs.send(
@@ -422,7 +431,8 @@ class Account:
 async def deliver_message_async(sender: Account, recipient: Account, body: str, *, timeout: float = DEFAULT_TIMEOUT) -> Stanza:
     """Send `body` from `sender` to `recipient`'s bare JID; return the stanza as it arrived.
 
-    Both sessions send presence first.  If the sender gets an error bounce from the
+    Both sessions send presence first, and the recipient's is processed before the message
+    goes.  If the sender gets an error bounce from the
     recipient's address first (e.g. S2S failed), raise XmppError with it instead of
     waiting for the deadline.
     """
@@ -431,7 +441,7 @@ async def deliver_message_async(sender: Account, recipient: Account, body: str, 
         bob = await recipient.login(resource="recipient", timeout=timeout)
         try:
             await alice.send_presence()
-            await bob.send_presence()
+            await bob.become_available(timeout)    # before the message is routed to the bare JID
             await alice.send_message(recipient.jid, body)
             arrived: list[Stanza] = []
             bounced: list[Stanza] = []
